@@ -1,0 +1,69 @@
+"""The Python face of the runtime: load a checkpoint folder, get logits, generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hybrid.experts.torch_backend import TorchExperts
+from hybrid.model.batch import ForwardBatch, KVCache
+from hybrid.model.checkpoint import Checkpoint
+from hybrid.model.config import ModelConfig
+from hybrid.model.decoder import DeepseekV3
+from hybrid.model.loader import build_model
+
+
+class HybridModel:
+    def __init__(self, model: DeepseekV3, folder: Path):
+        self.model = model
+        self.folder = folder
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def new_cache(self, num_slots: int) -> KVCache:
+        cfg = self.config
+        dtype = self.model.lm_head.weight.dtype
+        return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+
+    def logits(self, input_ids) -> torch.Tensor:
+        """Float32 logits [T, vocab] of every position, without a cache."""
+        ids = torch.as_tensor(input_ids).reshape(-1)
+        return self.model(ForwardBatch.single(ids), logits_index=torch.arange(ids.numel()))
+
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 stop_ids: set[int] = frozenset(), return_logits: bool = False):
+        """Tokens after the prompt (greedy unless temperature > 0), using the latent KV cache.
+        With return_logits, also the float32 logits that chose each token."""
+        ids = torch.as_tensor(input_ids).reshape(-1).long()
+        cache = self.new_cache(ids.numel() + max_new_tokens)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out, steps = [], []
+        batch = ForwardBatch.single(ids, 0, torch.arange(ids.numel()))
+        for _ in range(max_new_tokens):
+            logits = self.model(batch, cache)[0]
+            steps.append(logits)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, -1)
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                token = int(logits.argmax())
+            out.append(token)
+            if token in stop_ids:
+                break
+            pos = ids.numel() + len(out) - 1
+            batch = ForwardBatch.single(torch.tensor([token]), pos, torch.arange(pos + 1))
+        return (out, torch.stack(steps)) if return_logits else out
+
+
+def load_model(path: str | Path, profile=None, device: str | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> HybridModel:
+    """Load a checkpoint folder. `profile` (a placement Profile or its path) decides where each
+    part runs; without one, everything runs on the CPU with the default expert backend."""
+    path = Path(path)
+    ckpt = Checkpoint(path)
+    model = build_model(ckpt, lambda layer, w: TorchExperts(w, dtype), dtype)
+    ckpt.close()
+    return HybridModel(model, path)

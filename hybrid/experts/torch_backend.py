@@ -1,0 +1,55 @@
+"""Portable routed experts in plain torch: correct on any CPU, no Python loop over tokens.
+
+Weights are dequantized once at load to `dtype` (INT4 takes 4-8x the memory this way: this backend
+is the reference and the fallback, the kt-kernel one is the fast path). Work runs on one helper
+thread (torch releases the GIL), so `submit` returns at once and overlaps the caller's work.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from hybrid.experts.weights import ExpertWeights
+
+
+class TorchExperts:
+    name = "torch"
+
+    def __init__(self, weights: ExpertWeights, dtype: torch.dtype = torch.float32):
+        self.gate, self.up, self.down = weights.dense(dtype)
+        self.dtype = dtype
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-experts")
+        self._pending: Future | None = None
+
+    def submit(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        assert self._pending is None, "wait() before the next submit()"
+        self._pending = self._pool.submit(self.forward, hidden, topk_ids, topk_weights)
+
+    def wait(self) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Group the (token, slot) pairs by expert, run each touched expert once on its tokens."""
+        x = hidden.to(self.dtype)
+        k = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate.shape[0]).tolist()
+        token_of = order // k
+        w = topk_weights.reshape(-1)[order].to(self.dtype).unsqueeze(1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = token_of[start:start + n]
+            xe = x[rows]
+            h = F.silu(xe @ self.gate[e].T) * (xe @ self.up[e].T)
+            out.index_add_(0, rows, (h @ self.down[e].T) * w[start:start + n])
+            start += n
+        return out.to(hidden.dtype)

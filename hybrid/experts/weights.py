@@ -1,0 +1,53 @@
+"""One MoE layer's routed experts, stacked over experts, in the form the checkpoint stores them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybrid.model.quant import dequantize_int4
+
+
+@dataclass
+class ExpertWeights:
+    """Routed experts of one layer.
+
+    `int4`: compressed-tensors pack-quantized; `gate`/`up` are int32 [E, I, H/8], `down` int32
+    [E, H, I/8], each with a bf16 scale [E, out, in/group]. This is also kt-kernel's K-group INT4
+    layout, so the CPU kernels read these tensors in place.
+    `float`: `gate`/`up` [E, I, H], `down` [E, H, I] in bf16/fp16/fp32 (FP8 checkpoints are
+    dequantized to bf16 on load).
+    """
+
+    format: str  # "int4" | "float"
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_scale: torch.Tensor | None = None
+    up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+    group_size: int = 32
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate.shape[1]
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate, up, down as float tensors of `dtype` (dequantized when INT4)."""
+        if self.format == "float":
+            return self.gate.to(dtype), self.up.to(dtype), self.down.to(dtype)
+        return tuple(dequantize_int4(w, s, self.group_size, dtype) for w, s in
+                     ((self.gate, self.gate_scale), (self.up, self.up_scale), (self.down, self.down_scale)))
+
+    def nbytes(self) -> int:
+        ts = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)

@@ -1,0 +1,244 @@
+"""Typed model configuration, read from a checkpoint's `config.json`.
+
+Covers `deepseek_v3` and `kimi_k2`, flat or nested under `text_config` (Kimi K2.5/K2.6, whose
+text tensors carry a `language_model.` prefix). Every value the math needs comes from the file;
+anything we do not implement is refused with the key, the value and what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot run, with the key at fault."""
+
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the checkpoint's weights are stored beyond plain floats."""
+
+    method: str  # "compressed-tensors" (INT4 pack-quantized routed experts) or "fp8" (block FP8)
+    bits: int = 4
+    group_size: int = 32
+    block_size: tuple[int, int] = (128, 128)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters (DeepSeek/Kimi always use yarn when rope_scaling is present)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    first_k_dense_replace: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: RopeScaling | None
+    tie_word_embeddings: bool = False
+    model_type: str = "deepseek_v3"
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    quant: QuantConfig | None = None
+    tensor_prefix: str = ""  # "language_model." for K2.5/K2.6 multimodal checkpoints
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values per token and layer in the latent KV cache: normalised latent + shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        if self.rope_scaling and self.rope_scaling.mscale_all_dim:
+            m = yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
+        prefix = ""
+        text = data
+        if isinstance(data.get("text_config"), dict):
+            text, prefix = data["text_config"], "language_model."
+        quant = text.get("quantization_config") or data.get("quantization_config")
+        return _parse(text, quant, prefix, source, data)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _require(d: dict, key: str, source: str):
+    if key not in d:
+        raise ConfigError(f"{source}: missing required key '{key}'")
+    return d[key]
+
+
+def _check(cond: bool, source: str, key: str, value, supported: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: unsupported {key} = {value!r}; supported: {supported}")
+
+
+def _parse(d: dict, quant: dict | None, prefix: str, source: str, raw: dict) -> ModelConfig:
+    mt = d.get("model_type", "deepseek_v3")
+    _check(mt in SUPPORTED_MODEL_TYPES, source, "model_type", mt, ", ".join(SUPPORTED_MODEL_TYPES))
+    scoring = d.get("scoring_func", "sigmoid")
+    _check(scoring == "sigmoid", source, "scoring_func", scoring, "'sigmoid'")
+    topk_method = d.get("topk_method", "noaux_tc")
+    _check(topk_method == "noaux_tc", source, "topk_method", topk_method, "'noaux_tc'")
+    act = d.get("hidden_act", "silu")
+    _check(act == "silu", source, "hidden_act", act, "'silu'")
+    freq = d.get("moe_layer_freq", 1)
+    _check(freq == 1, source, "moe_layer_freq", freq, "1")
+    bias = d.get("attention_bias", False)
+    _check(not bias, source, "attention_bias", bias, "false")
+
+    n_experts = int(_require(d, "n_routed_experts", source))
+    n_group = int(d.get("n_group") or 1)
+    topk_group = int(d.get("topk_group") or 1)
+    _check(n_experts % n_group == 0, source, "n_group", n_group, f"a divisor of n_routed_experts ({n_experts})")
+    _check(1 <= topk_group <= n_group, source, "topk_group", topk_group, f"1..n_group ({n_group})")
+    k = int(_require(d, "num_experts_per_tok", source))
+    _check(1 <= k <= n_experts * topk_group // n_group, source, "num_experts_per_tok", k,
+           f"1..{n_experts * topk_group // n_group} (experts reachable in topk_group groups)")
+
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+
+    return ModelConfig(
+        vocab_size=int(_require(d, "vocab_size", source)),
+        hidden_size=int(_require(d, "hidden_size", source)),
+        intermediate_size=int(_require(d, "intermediate_size", source)),
+        moe_intermediate_size=int(_require(d, "moe_intermediate_size", source)),
+        num_hidden_layers=int(_require(d, "num_hidden_layers", source)),
+        num_attention_heads=int(_require(d, "num_attention_heads", source)),
+        n_routed_experts=n_experts,
+        num_experts_per_tok=k,
+        n_shared_experts=int(d.get("n_shared_experts") or 0),
+        first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
+        q_lora_rank=None if d.get("q_lora_rank") is None else int(d["q_lora_rank"]),
+        kv_lora_rank=int(_require(d, "kv_lora_rank", source)),
+        qk_nope_head_dim=int(_require(d, "qk_nope_head_dim", source)),
+        qk_rope_head_dim=int(_require(d, "qk_rope_head_dim", source)),
+        v_head_dim=int(_require(d, "v_head_dim", source)),
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(d.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        rope_scaling=_parse_rope_scaling(d.get("rope_scaling"), source),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        model_type=mt,
+        torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=eos,
+        quant=_parse_quant(quant, source),
+        tensor_prefix=prefix,
+        raw=raw,
+    )
+
+
+def _parse_rope_scaling(rs: dict | None, source: str) -> RopeScaling | None:
+    if not rs:
+        return None
+    kind = rs.get("type", rs.get("rope_type"))
+    _check(kind == "yarn", source, "rope_scaling.type", kind, "'yarn'")
+    return RopeScaling(
+        factor=float(_require(rs, "factor", source)),
+        original_max_position_embeddings=int(_require(rs, "original_max_position_embeddings", source)),
+        beta_fast=float(rs.get("beta_fast") or 32),
+        beta_slow=float(rs.get("beta_slow") or 1),
+        mscale=None if rs.get("mscale") is None else float(rs["mscale"]),
+        mscale_all_dim=None if rs.get("mscale_all_dim") is None else float(rs["mscale_all_dim"]),
+    )
+
+
+def _parse_quant(q: dict | None, source: str) -> QuantConfig | None:
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method == "fp8":
+        block = tuple(q.get("weight_block_size") or (128, 128))
+        _check(len(block) == 2, source, "quantization_config.weight_block_size", block, "[rows, cols]")
+        return QuantConfig(method="fp8", bits=8, block_size=(int(block[0]), int(block[1])))
+    _check(method == "compressed-tensors", source, "quantization_config.quant_method", method,
+           "'compressed-tensors' (INT4 pack-quantized) or 'fp8'")
+    fmt = q.get("format")
+    _check(fmt == "pack-quantized", source, "quantization_config.format", fmt, "'pack-quantized'")
+    groups = q.get("config_groups") or {}
+    _check(len(groups) == 1, source, "quantization_config.config_groups", list(groups), "exactly one group")
+    w = next(iter(groups.values())).get("weights") or {}
+    _check(w.get("num_bits") == 4, source, "quantization_config.config_groups.*.weights.num_bits",
+           w.get("num_bits"), "4")
+    _check(w.get("type", "int") == "int", source, "quantization_config.config_groups.*.weights.type",
+           w.get("type"), "'int'")
+    _check(w.get("symmetric", True) is True, source,
+           "quantization_config.config_groups.*.weights.symmetric", w.get("symmetric"), "true")
+    _check(w.get("strategy") == "group", source, "quantization_config.config_groups.*.weights.strategy",
+           w.get("strategy"), "'group'")
+    gs = int(w.get("group_size") or 0)
+    _check(gs > 0 and gs % 8 == 0, source, "quantization_config.config_groups.*.weights.group_size", gs,
+           "a positive multiple of 8")
+    return QuantConfig(method="compressed-tensors", bits=4, group_size=gs)
