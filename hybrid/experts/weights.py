@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hybrid.model.quant import dequantize_int4
-
 
 @dataclass
 class ExpertWeights:
@@ -40,13 +38,6 @@ class ExpertWeights:
     @property
     def intermediate_size(self) -> int:
         return self.gate.shape[1]
-
-    def dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """gate, up, down as float tensors of `dtype` (dequantized when INT4)."""
-        if self.format == "float":
-            return self.gate.to(dtype), self.up.to(dtype), self.down.to(dtype)
-        return tuple(dequantize_int4(w, s, self.group_size, dtype) for w, s in
-                     ((self.gate, self.gate_scale), (self.up, self.up_scale), (self.down, self.down_scale)))
 
     def nbytes(self) -> int:
         ts = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale)

@@ -77,9 +77,9 @@ def _data_end(path: Path) -> int:
         raise CheckpointError(f"{path.name}: truncated safetensors header")
     try:
         meta = json.loads(header)
-    except json.JSONDecodeError:
+        ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
-    ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
     return 8 + n + max(ends, default=0)
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from hybrid.atomic import atomic_dir
 from hybrid.model.checkpoint import tensor_shapes
 from hybrid.model.config import ModelConfig
-from hybrid.model.quant import pack_int4, quantize_fp8_block
+from hybrid.model.quant import quantize_fp8_block
 from hybrid.tokenizer.vocab import write_tokenizer
 
 N_SPECIAL = 256
@@ -110,34 +110,37 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, quan
 
 def _write_tensors(folder: Path, cfg: ModelConfig, quant: str, seed: int, prefix: str, shard_bytes: int,
                    progress) -> None:
+    """Stream tensors into shards of about `shard_bytes`, each written as soon as it is full."""
     gen = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
+    files: list[list[str]] = []  # tensor names of each written shard
+    shard: dict[str, torch.Tensor] = {}
+    total = size = 0
 
-    def put(name: str, t: torch.Tensor) -> None:
-        nonlocal size, total
-        if size > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][prefix + name] = t.contiguous()
-        size += t.numel() * t.element_size()
-        total += t.numel() * t.element_size()
+    def flush() -> None:
+        nonlocal shard, size
+        save_file(shard, str(folder / f"shard-{len(files)}.tmp"), metadata={"format": "pt"})
+        files.append(list(shard))
+        shard, size = {}, 0
 
     shapes = tensor_shapes(cfg)
     for i, (name, shape) in enumerate(shapes.items()):
         if progress and i % 500 == 0:
             progress(f"tensors {i}/{len(shapes)}")
         for key, t in _stored(name, shape, cfg, quant, gen).items():
-            put(key, t)
+            shard[prefix + key] = t.contiguous()
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+        if size > shard_bytes:
+            flush()
     if prefix:
-        shards[-1]["vision_tower.patch_embed.weight"] = torch.zeros(32, 3, 2, 2, dtype=torch.bfloat16)
-
+        shard["vision_tower.patch_embed.weight"] = torch.zeros(32, 3, 2, 2, dtype=torch.bfloat16)
+    if shard:
+        flush()
     weight_map = {}
-    for k, shard in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
+    for k, names in enumerate(files):
+        file = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        (folder / f"shard-{k}.tmp").rename(folder / file)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -154,9 +157,10 @@ def _stored(name: str, shape: tuple[int, ...], cfg: ModelConfig, quant: str, gen
     std = shape[-1] ** -0.5
     routed = ".mlp.experts." in name
     if routed and quant == "int4":
-        q = torch.randint(-8, 8, shape, generator=gen, dtype=torch.int8)
+        # uniformly random int32 words are eight uniformly random nibbles: q uniform in [-8, 7]
+        packed = torch.randint(-2**31, 2**31, (shape[0], shape[1] // 8), generator=gen, dtype=torch.int32)
         scale = (std / 4.6) * (0.5 + torch.rand(shape[0], shape[1] // 32, generator=gen))
-        return {module + ".weight_packed": pack_int4(q), module + ".weight_scale": scale.to(torch.bfloat16),
+        return {module + ".weight_packed": packed, module + ".weight_scale": scale.to(torch.bfloat16),
                 module + ".weight_shape": torch.tensor(shape, dtype=torch.int32)}
     w = std * torch.randn(shape, generator=gen)
     linear = len(shape) == 2 and "lm_head" not in name and not name.endswith("mlp.gate.weight")
