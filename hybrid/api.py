@@ -6,27 +6,34 @@ from pathlib import Path
 
 import torch
 
-from hybrid.experts.torch_backend import TorchExperts
 from hybrid.model.batch import ForwardBatch, KVCache
 from hybrid.model.checkpoint import Checkpoint
 from hybrid.model.config import ModelConfig
 from hybrid.model.decoder import DeepseekV3
 from hybrid.model.loader import build_model
+from hybrid.scheduler.placement import ExpertBuilder, Placement
+from hybrid.scheduler.stats import ActivationStats
 
 
 class HybridModel:
-    def __init__(self, model: DeepseekV3, folder: Path):
+    def __init__(self, model: DeepseekV3, folder: Path, placement: Placement):
         self.model = model
         self.folder = folder
+        self.placement = placement
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
 
+    def expert_wait_s(self) -> float:
+        """Seconds the model has spent waiting for routed experts, over all MoE layers."""
+        return sum(layer.mlp.experts.wait_s for layer in self.model.model.layers if hasattr(layer.mlp, "experts"))
+
     def new_cache(self, num_slots: int) -> KVCache:
         cfg = self.config
         dtype = self.model.lm_head.weight.dtype
-        return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+        return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype,
+                       self.model.layer_devices())
 
     def logits(self, input_ids) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position, without a cache."""
@@ -59,11 +66,35 @@ class HybridModel:
 
 
 def load_model(path: str | Path, profile=None, device: str | None = None,
-               dtype: torch.dtype = torch.bfloat16) -> HybridModel:
-    """Load a checkpoint folder. `profile` (a placement Profile or its path) decides where each
-    part runs; without one, everything runs on the CPU with the default expert backend."""
+               dtype: torch.dtype = torch.bfloat16, progress=None,
+               stats: ActivationStats | None = None) -> HybridModel:
+    """Load a checkpoint folder.
+
+    `profile` (a placement Profile, a path to one, or a runtime Placement) decides where each
+    part runs; an invalid or mismatched profile is refused with every problem listed. Without
+    one, every dense module goes to `device` (default cpu) and routed experts to the default CPU
+    backend. `progress(done, total)` is called as MoE layers load; `stats` records routing.
+    """
     path = Path(path)
     ckpt = Checkpoint(path)
-    model = build_model(ckpt, lambda layer, w: TorchExperts(w, dtype), dtype)
+    placement = _placement(profile, path, device)
+    experts = ExpertBuilder(placement, ckpt.config, dtype, stats)
+    model = build_model(ckpt, experts, dtype, progress, placement.device_of)
     ckpt.close()
-    return HybridModel(model, path)
+    return HybridModel(model, path, placement)
+
+
+def _placement(profile, folder: Path, device: str | None) -> Placement:
+    if profile is None:
+        return Placement.on(device or "cpu")
+    if isinstance(profile, Placement):
+        return profile
+    from placement.model_spec import Arch
+    from placement.profile import Profile, ProfileError
+
+    if isinstance(profile, (str, Path)):
+        return Placement.from_profile(Profile.load(profile, model=folder))
+    problems = profile.problems(Arch.from_config(folder))
+    if problems:
+        raise ProfileError(problems, "profile")
+    return Placement.from_profile(profile)

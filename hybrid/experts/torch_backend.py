@@ -23,11 +23,13 @@ class TorchExperts:
     def __init__(self, weights: ExpertWeights, dtype: torch.dtype = torch.float32):
         self.weights = weights
         self.dtype = dtype
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-experts")
+        self._pool: ThreadPoolExecutor | None = None  # made on first submit; forward() alone needs none
         self._pending: Future | None = None
 
     def submit(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         assert self._pending is None, "wait() before the next submit()"
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-experts")
         self._pending = self._pool.submit(self.forward, hidden, topk_ids, topk_weights)
 
     def wait(self) -> torch.Tensor:
@@ -44,12 +46,13 @@ class TorchExperts:
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """Group the (token, slot) pairs by expert, run each touched expert once on its tokens."""
+        """Group the (token, slot) pairs by expert, run each touched expert once on its tokens.
+        Slots whose id is -1 belong to another backend and are skipped."""
         x = hidden.to(self.dtype)
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.weights.num_experts).tolist()
+        order = flat.argsort(stable=True)[int((flat < 0).sum()):]  # -1 slots sort first: drop them
+        counts = torch.bincount(flat[order], minlength=self.weights.num_experts).tolist()
         token_of = order // k
         w = topk_weights.reshape(-1)[order].to(self.dtype).unsqueeze(1)
         out = torch.zeros_like(x)

@@ -27,6 +27,16 @@ class ExpertWeights:
     down_scale: torch.Tensor | None = None
     group_size: int = 32
 
+    FIELDS = ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, f) for f in self.FIELDS) if t is not None]
+
+    def map(self, fn) -> "ExpertWeights":
+        """The same experts with `fn` applied to every tensor (select experts, copy to a device, ...)."""
+        fields = {f: None if getattr(self, f) is None else fn(getattr(self, f)) for f in self.FIELDS}
+        return ExpertWeights(self.format, group_size=self.group_size, **fields)
+
     @property
     def num_experts(self) -> int:
         return self.gate.shape[0]
@@ -40,5 +50,4 @@ class ExpertWeights:
         return self.gate.shape[1]
 
     def nbytes(self) -> int:
-        ts = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())

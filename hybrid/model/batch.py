@@ -37,20 +37,24 @@ class ForwardBatch:
 
 class KVCache:
     """The latent KV cache: per layer and slot, the normalised latent and the rotated rope key
-    (kv_lora_rank + qk_rope_head_dim values), which is all MLA needs to attend."""
+    (kv_lora_rank + qk_rope_head_dim values), which is all MLA needs to attend. Each layer's
+    part lives on the device of that layer's attention."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.bfloat16, devices: list[torch.device] | None = None):
         self.kv_lora_rank = kv_lora_rank
-        self.data = torch.zeros(num_layers, num_slots, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        devices = devices or [torch.device("cpu")] * num_layers
+        self.layers = [torch.zeros(num_slots, kv_lora_rank + rope_dim, dtype=dtype, device=d) for d in devices]
 
     @property
     def num_slots(self) -> int:
-        return self.data.shape[1]
+        return self.layers[0].shape[0]
 
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        self.data[layer, slots] = torch.cat([latent, k_rope], dim=-1).to(self.data.dtype)
+        data = self.layers[layer]
+        data[slots.to(data.device)] = torch.cat([latent, k_rope], dim=-1).to(data)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.data[layer, slots]
+        data = self.layers[layer]
+        kv = data[slots.to(data.device)]
         return kv[:, : self.kv_lora_rank], kv[:, self.kv_lora_rank:]

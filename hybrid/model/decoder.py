@@ -27,6 +27,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_layernorm.weight.device
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: Rope, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -52,8 +56,13 @@ class DeepseekV3(nn.Module):
     def forward(self, batch: ForwardBatch, cache: KVCache | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits of the rows `logits_index` (default: each sequence's last token)."""
-        x = self.model.embed_tokens(batch.input_ids)
+        embed = self.model.embed_tokens
+        x = embed(batch.input_ids.to(embed.weight.device))
         for layer in self.model.layers:
-            x = layer(x, batch, self.rope, cache)
+            x = layer(x.to(layer.device), batch, self.rope, cache)
         rows = batch.last_index if logits_index is None else logits_index
-        return self.lm_head(self.model.norm(x[rows])).float()
+        x = x[rows.to(x.device)].to(self.lm_head.weight.device)
+        return self.lm_head(self.model.norm(x)).float()
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.device for layer in self.model.layers]

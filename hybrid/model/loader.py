@@ -18,7 +18,9 @@ ExpertFactory = Callable[[int, ExpertWeights], ExpertBackend]
 
 
 def build_model(ckpt: Checkpoint, make_experts: ExpertFactory, dtype: torch.dtype = torch.bfloat16,
-                progress: Callable[[int, int], None] | None = None) -> DeepseekV3:
+                progress: Callable[[int, int], None] | None = None,
+                device_of: Callable[[str], torch.device] = lambda name: torch.device("cpu")) -> DeepseekV3:
+    """`device_of(tensor name)` says where each dense weight goes (the profile's placement)."""
     cfg = ckpt.config
     experts = {}
     for n, i in enumerate(cfg.moe_layers):
@@ -31,11 +33,18 @@ def build_model(ckpt: Checkpoint, make_experts: ExpertFactory, dtype: torch.dtyp
         if ".mlp.experts." in name:
             continue
         float32 = name.endswith(("e_score_correction_bias", "mlp.gate.weight"))  # the router runs in fp32
-        _set(model, name, ckpt.weight(name, torch.float32 if float32 else dtype))
+        _set(model, name, to_device(ckpt.weight(name, torch.float32 if float32 else dtype), device_of(name)))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope = Rope(cfg)  # built outside the meta device: its frequencies are computed, not loaded
     return model.eval()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device through pinned memory (pageable copies run at a fraction of PCIe speed)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -54,6 +54,6 @@ class Rope(torch.nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, ..., rope_dim]; cos/sin [N, rope_dim / 2] broadcast over the middle dims."""
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
+    cos, sin = cos.view(shape).to(x), sin.view(shape).to(x)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

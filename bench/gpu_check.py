@@ -1,0 +1,181 @@
+"""The GPU checks, in one script under 8 minutes: correctness of the GPU paths against the CPU
+path, then speed with the mini preset and with single layers of Kimi's exact shapes, each figure
+beside its floor. Skips cleanly (exit 0, says so, saves nothing) where there is no CUDA device.
+
+    python bench/gpu_check.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import save  # noqa: E402
+
+console = Console()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
+
+
+def host_bandwidth(threads: int) -> float:
+    """GB/s of a torch sum over 1 GiB with `threads` threads."""
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28, dtype=torch.float32)
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    return 5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def pcie_bandwidth() -> float:
+    x = torch.empty(2**28, dtype=torch.uint8).pin_memory()
+    y = torch.empty_like(x, device="cuda")
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    return 10 * x.numel() / (time.perf_counter() - t) / 1e9
+
+
+def correctness(tiny: Path) -> list[tuple[str, float]]:
+    """bf16 logits of the GPU placements against the same placement on the CPU."""
+    from hybrid.api import load_model
+    from hybrid.scheduler.placement import Placement
+
+    ids = torch.randint(0, 1280, (64,), generator=torch.Generator().manual_seed(0))
+    cpu = load_model(tiny, Placement.on("cpu")).logits(ids)
+    cases = {"all dense on GPU": {}, "50% experts hot": {"hot_experts": {1: list(range(8)), 2: list(range(8))}},
+             "streamed prefill": {"stream_threshold": 16}}
+    out = []
+    for name, kw in cases.items():
+        gpu = load_model(tiny, Placement.on("cuda:0", **kw)).logits(ids)
+        out.append((name, rel(gpu, cpu)))
+    return out
+
+
+def kimi_layer(experts: int = 384, hidden: int = 7168, inter: int = 2048):
+    """One MoE layer of Kimi's exact shapes, random INT4 (group 32) experts."""
+    from hybrid.experts.weights import ExpertWeights
+
+    g = torch.Generator().manual_seed(0)
+
+    def proj(out_f, in_f):
+        return (torch.randint(-2**31, 2**31, (experts, out_f, in_f // 8), generator=g, dtype=torch.int32),
+                (torch.rand(experts, out_f, in_f // 32, generator=g) * 0.01).to(torch.bfloat16))
+
+    (gate, gs), (up, us), (down, ds) = proj(inter, hidden), proj(inter, hidden), proj(hidden, inter)
+    return ExpertWeights("int4", gate, up, down, gs, us, ds)
+
+
+def time_layer(ex, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, reps: int) -> float:
+    ex.submit(hidden, ids, w)
+    ex.wait()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        ex.submit(hidden, ids, w)
+        ex.wait()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
+    """T = 1 decode of one Kimi layer with 0/10/50% of experts hot: ms beside its floor."""
+    from hybrid.experts import ExpertOptions, make_backend
+    from hybrid.scheduler.device_experts import DeviceExperts
+    from hybrid.scheduler.hybrid_experts import HybridExperts
+
+    rows = []
+    per_expert = weights.nbytes() / weights.num_experts
+    cpu = make_backend(weights, 1, ExpertOptions(threads=threads))
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 7168, generator=g).to(torch.bfloat16).cuda()
+    w = torch.rand(1, 8, generator=g).float().cuda()
+    for share in (0.0, 0.1, 0.5):
+        n_hot = int(384 * share)
+        hot = DeviceExperts(weights, list(range(n_hot)), "cuda:0") if n_hot else None
+        ex = HybridExperts(1, cpu, "cuda:0", hot=hot)
+        ids = torch.randperm(384, generator=g)[:8][None].cuda()
+        cold = int((ids >= n_hot).sum())
+        ms = time_layer(ex, hidden, ids, w, 20) * 1e3
+        floor = cold * per_expert / (host_gbps * 1e9) * 1e3
+        rows.append({"case": f"decode T=1, {int(share * 100)}% hot", "ms": ms, "floor_ms": floor})
+        del hot, ex
+        torch.cuda.empty_cache()
+    return rows
+
+
+def kimi_prefill(weights, host_gbps: float, pcie_gbps: float, cpu_tflops: float, threads: int,
+                 sizes: tuple[int, ...]) -> list[dict]:
+    """Prefill of one Kimi layer: CPU experts vs streaming them to the GPU."""
+    from hybrid.experts import ExpertOptions, make_backend
+    from hybrid.scheduler.hybrid_experts import HybridExperts
+    from hybrid.scheduler.prefill_stream import ExpertStreamer
+
+    streamer = ExpertStreamer("cuda:0")
+    streamer.add(1, weights)
+    cpu = make_backend(streamer.layers[1], 1, ExpertOptions(threads=threads))
+    flops_per_pick = 3 * 2 * 7168 * 2048
+    rows = []
+    for tokens in sizes:
+        g = torch.Generator().manual_seed(tokens)
+        hidden = torch.randn(tokens, 7168, generator=g).to(torch.bfloat16).cuda()
+        ids = torch.stack([torch.randperm(384, generator=g)[:8] for _ in range(tokens)]).cuda()
+        w = torch.rand(tokens, 8, generator=g).cuda()
+        for name, threshold in (("CPU experts", None), ("streamed to GPU", 1)):
+            ex = HybridExperts(1, cpu, "cuda:0", streamer=streamer, stream_threshold=threshold)
+            ms = time_layer(ex, hidden, ids, w, 2) * 1e3
+            floor = max(tokens * 8 * flops_per_pick / (cpu_tflops * 1e12),
+                        min(weights.nbytes() / (pcie_gbps * 1e9), weights.nbytes() / (host_gbps * 1e9))) * 1e3
+            rows.append({"case": f"prefill {tokens} tokens, {name}", "ms": ms, "floor_ms": floor,
+                         "tok_s": tokens / ms * 1e3})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller prompts (512, 4096)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        console.print("no CUDA device: the GPU checks were skipped (nothing measured, nothing saved)")
+        return
+    from hybrid.default_model import preset_model
+
+    threads = max(1, (torch.get_num_threads() or 2) - 1)
+    host = host_bandwidth(threads)
+    pcie = pcie_bandwidth()
+    console.print(f"{torch.cuda.get_device_name(0)}: host read {host:.1f} GB/s ({threads} threads), "
+                  f"pinned H2D {pcie:.1f} GB/s")
+    checks = correctness(preset_model("tiny"))
+    weights = kimi_layer()
+    rows = kimi_decode(weights, host, threads)
+    sizes = (512, 4096) if args.quick else (512, 4096, 16384)
+    rows += kimi_prefill(weights, host, pcie, 1.0, threads, sizes)
+
+    table = Table(title="GPU checks")
+    for col in ("case", "ms", "floor ms", "ratio to floor"):
+        table.add_column(col, justify="right")
+    for name, err in checks:
+        table.add_row(f"correctness: {name}", f"rel err {err:.2e}", "", "ok" if err < 5e-2 else "FAIL")
+    for r in rows:
+        table.add_row(r["case"], f"{r['ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['ms'] / r['floor_ms']:.2f}x")
+    console.print(table)
+    md = "| case | ms | floor ms | ratio |\n|---|---|---|---|\n" + "".join(
+        f"| {r['case']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | {r['ms'] / r['floor_ms']:.2f}x |\n" for r in rows)
+    save("gpu_check", {"host_gbps": host, "pcie_gbps": pcie, "correctness": dict(checks), "rows": rows}, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Measured against predicted: run a placement for a few hundred tokens and set the figures beside
+what the planner's cost model expects of it, so a profile is tuned by numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from hybrid.api import load_model
+from hybrid.measure import measure
+
+
+def profile_for(folder: Path, path: Path | None):
+    """The profile at `path` (checked against the checkpoint), or a plan for this machine."""
+    from placement.hardware import detect
+    from placement.model_spec import ModelSpec
+    from placement.planner import plan
+    from placement.profile import Profile
+
+    if path is not None:
+        return Profile.load(path, model=folder)
+    return plan(ModelSpec.from_config(folder), detect())
+
+
+def compare(folder: Path, profile, prompt: int, decode: int) -> Table:
+    from placement import cost
+
+    spec = profile.spec()
+    fig = cost.figures(profile.hardware, profile.cpu.backend, profile.cpu.method, profile.cpu.threads)
+    want_decode, decode_ms = cost.decode(profile, spec, fig)
+    want_prefill, prefill_ms = cost.prefill(profile, spec, fig, prompt=prompt)
+    got = measure(load_model(folder, profile), prompt, decode)
+    table = Table(title=f"{folder.name}: measured vs predicted ({profile.hardware.summary()})")
+    for col in ("phase", "measured tok/s", "predicted tok/s", "measured / predicted", "measured ms", "predicted ms"):
+        table.add_column(col, justify="right")
+    for phase, tok_s, want, ms, pred_ms in (
+            ("prefill", got.prefill_tok_s, want_prefill, got.prefill_s * 1e3, prefill_ms["total"]),
+            ("decode", got.decode_tok_s, want_decode, got.decode_s * 1e3 / got.decode_tokens, decode_ms["total"])):
+        table.add_row(phase, f"{tok_s:,.1f}", f"{want:,.1f}", f"{tok_s / want:.2f}", f"{ms:,.2f}", f"{pred_ms:,.2f}")
+    table.caption = (f"decode waited {got.expert_s / got.decode_tokens * 1e3:.2f} ms/token on routed experts; "
+                     f"predicted decode breakdown (ms): " +
+                     ", ".join(f"{k} {v:.2f}" for k, v in decode_ms.items() if k != "total"))
+    return table
+
+
+def record(folder: Path, profile, prompts: list[str], out: Path, max_tokens: int = 32, progress=None) -> dict:
+    """Run `prompts` (chat user turns) through the model and add their per-layer expert
+    activation counts to the stats file `out` (created if missing; written atomically)."""
+    from hybrid.model.config import ModelConfig
+    from hybrid.scheduler.stats import ActivationStats
+    from hybrid.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(folder)
+    stats = ActivationStats(ModelConfig.from_file(folder).n_routed_experts)
+    model = load_model(folder, profile, stats=stats)
+    if out.exists():
+        stats.merge_file(out)
+    for i, text in enumerate(prompts):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        model.generate(ids, max_tokens, stop_ids=set(tokenizer.eos_ids))
+        if progress:
+            progress(i + 1, len(prompts))
+    stats.save(out)
+    return stats.to_json()

@@ -1,0 +1,226 @@
+"""Roofline cost model: predicted decode and prefill tokens/s of a placement, with the breakdown.
+
+Every module costs max(bytes / bandwidth, FLOPs / peak) on its device. A layer runs attention and
+the router, then the CPU's routed experts (plus two PCIe hand-offs) alongside the GPU's shared and
+hot experts, and waits for the slower side; deferred experts move part of the CPU side under the
+next layer. Long prompts may instead stream each layer's CPU experts to the GPU while the GPU
+computes the previous layer. docs/placement.md gives every formula and default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from placement.hardware import Hardware, gpu_figures
+from placement.model_spec import ModelSpec
+
+# Defaults; a `measured` figure in the hardware description replaces each.
+HOST_GBPS_PER_THREAD = 10.8  # one thread's host read bandwidth, measured on a 16-core Xeon with an H200
+HOST_GBPS_PER_NUMA_NODE = 200.0  # assumed: an 8-channel DDR5 socket at about 65% of peak
+KT_DECODE_GBPS_PER_THREAD = 6.0  # INT4 weights one kt-kernel worker streams at T = 1 (measured 5-7)
+CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of weights, 85 GB/s read
+TORCH_EFFICIENCY = 0.5  # assumed: plain torch matmuls on the CPU reach half the read bandwidth
+PREFILL_TFLOPS_PER_THREAD = {  # expert FLOP/s per kt thread on long prompts
+    "int4_kgroup": 1.0 / 15,  # RAWINT4, measured 1.0 TFLOP/s on 15 threads
+    "amx_int4": 9.4 / 15,  # measured 9.4 TFLOP/s on 15 threads
+    "amx_int8": 9.4 / 15,  # assumed equal to amx_int4: both run int8 AMX tiles
+    "bf16": 4.7 / 15,  # assumed: AMX bf16 tiles at half the int8 rate
+}
+NO_AMX_TFLOPS_PER_THREAD = 0.05  # assumed: AVX-512 bf16 / torch matmuls per core
+GPU_BW_EFFICIENCY = 0.8
+GPU_FLOPS_EFFICIENCY = 0.5
+LINK_LATENCY_S = 10e-6  # one host <-> device hand-off of activations
+DECODE_CONTEXT = 4096  # context each sequence has when decode speed is quoted
+PROMPT_TOKENS = 8192  # prompt length prefill speed is quoted for
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The hardware rates the model uses, resolved from the inventory, the tables and `measured`."""
+
+    gpu_gbps: tuple[float, ...]
+    gpu_tflops: tuple[float, ...]
+    pcie_gbps: float
+    host_gbps: float
+    cpu_decode_gbps: float  # routed-expert weights per second at T = 1
+    cpu_prefill_tflops: float  # routed-expert FLOP/s on long prompts
+    torch_tflops: float  # dense modules placed on the CPU
+
+
+def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
+    m, cpu = hw.measured, hw.cpu
+    table = [gpu_figures(g.name) for g in hw.gpus]
+    host = m.host_gbps or min(cpu.cores * HOST_GBPS_PER_THREAD, cpu.numa_nodes * HOST_GBPS_PER_NUMA_NODE)
+    if backend == "kt":
+        per_thread = m.cpu_decode_gbps_per_thread or KT_DECODE_GBPS_PER_THREAD
+        decode = min(host, threads * per_thread) * CPU_DECODE_EFFICIENCY
+        rate = PREFILL_TFLOPS_PER_THREAD[method] if cpu.has("amx") or method == "int4_kgroup" \
+            else NO_AMX_TFLOPS_PER_THREAD
+    else:
+        decode, rate = host * TORCH_EFFICIENCY, NO_AMX_TFLOPS_PER_THREAD
+    torch_rate = (PREFILL_TFLOPS_PER_THREAD["bf16"] if cpu.has("amx") else NO_AMX_TFLOPS_PER_THREAD) * threads
+    return Figures(
+        gpu_gbps=tuple(m.gpu_gbps or t[1] * GPU_BW_EFFICIENCY for t in table),
+        gpu_tflops=tuple(m.gpu_tflops or t[2] * GPU_FLOPS_EFFICIENCY for t in table),
+        pcie_gbps=m.pcie_gbps or min((t[3] for t in table), default=25.0),
+        host_gbps=host, cpu_decode_gbps=decode,
+        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads, torch_tflops=torch_rate,
+    )
+
+
+@dataclass
+class Breakdown:
+    """Seconds per term; `total` is the critical path, so sum(terms) - total is what overlapped."""
+
+    fig: Figures
+    terms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, term: str, seconds: float) -> float:
+        self.terms[term] = self.terms.get(term, 0.0) + seconds
+        return seconds
+
+    def module(self, device: str, nbytes: float, flops: float) -> float:
+        if device == "cpu":
+            bandwidth = self.fig.host_gbps * TORCH_EFFICIENCY * 1e9
+            read = self.add("CPU modules: bytes / host bandwidth", nbytes / bandwidth)
+            return max(read, self.add("CPU modules: FLOPs / CPU peak", flops / (self.fig.torch_tflops * 1e12)))
+        i = int(device.split(":")[1])
+        read = self.add("GPU memory reads", nbytes / (self.fig.gpu_gbps[i] * 1e9))
+        return max(read, self.add("GPU compute", flops / (self.fig.gpu_tflops[i] * 1e12)))
+
+    def link(self, nbytes: float) -> float:
+        return self.add("PCIe transfers", nbytes / (self.fig.pcie_gbps * 1e9) + LINK_LATENCY_S)
+
+    def report(self, total: float) -> dict[str, float]:
+        ms = {k: round(v * 1e3, 3) for k, v in self.terms.items() if v > 0}
+        ms["overlapped"] = -round((sum(self.terms.values()) - total) * 1e3, 3)
+        ms["total"] = round(total * 1e3, 3)
+        return ms
+
+
+def _experts(spec: ModelSpec, gpu_ids: list[int], freq: list[float] | None, tokens: int):
+    """(distinct GPU experts touched, distinct CPU experts touched, share of picks on the GPU)."""
+    a = spec.arch
+    e, k = a.n_routed_experts, a.num_experts_per_tok
+    if freq is None:
+        touched = 1 - (1 - k / e) ** tokens
+        g = len(gpu_ids)
+        return g * touched, (e - g) * touched, g / e
+    on_gpu = set(gpu_ids)
+    gpu = cpu = share = 0.0
+    for i, f in enumerate(freq):
+        t = 1 - (1 - min(1.0, k * f)) ** tokens
+        if i in on_gpu:
+            gpu, share = gpu + t, share + f
+        else:
+            cpu += t
+    return gpu, cpu, share
+
+
+def _cpu_experts(b: Breakdown, spec: ModelSpec, method: str, distinct: float, picks: float, gbps: float) -> float:
+    read = b.add("CPU expert bytes / host bandwidth", distinct * spec.expert_host_bytes(method) / (gbps * 1e9))
+    compute = picks * spec.expert_flops / (b.fig.cpu_prefill_tflops * 1e12)
+    return max(read, b.add("CPU expert FLOPs / CPU peak", compute))
+
+
+def decode(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None) -> tuple[float, dict]:
+    """Tokens/s of one decode step of `concurrency` sequences at DECODE_CONTEXT, and the breakdown."""
+    a, b = spec.arch, Breakdown(fig)
+    n, ctx = p.kv_cache.concurrency, min(DECODE_CONTEXT, p.kv_cache.context_length)
+    act, k, defer = n * a.hidden_size * 2, a.num_experts_per_tok, p.decode.defer_experts / a.num_experts_per_tok
+    total, where = 0.0, p.devices.embed
+    for layer in range(a.num_hidden_layers):
+        dev = p.device_of("attention", layer)
+        total += b.link(act) if dev != where else 0.0
+        kv = n * ctx * spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
+        pre = b.module(dev, spec.bytes["attention"] + kv, n * spec.attention_flops(ctx, absorbed=True))
+        if not a.is_moe(layer):
+            total += pre + b.module(p.device_of("dense", layer), spec.bytes["dense"], n * 2 * spec.params["dense"])
+            where = p.device_of("dense", layer)
+            continue
+        where = p.device_of("router", layer)
+        pre += b.module(where, spec.bytes["router"], n * 2 * spec.params["router"])
+        ids = p.gpu_experts_of(layer)
+        g_n, c_n, share = _experts(spec, ids, (freqs or {}).get(layer), n)
+        gpu = b.module(where, g_n * spec.bytes["expert"], n * k * share * spec.expert_flops) if ids else 0.0
+        cpu = _cpu_experts(b, spec, p.cpu.method, c_n, n * k * (1 - share), fig.cpu_decode_gbps) if c_n else 0.0
+        if cpu and where != "cpu":
+            cpu += b.link(act) + b.link(act)
+        shared = b.module(p.device_of("shared", layer), spec.bytes["shared"], n * 2 * spec.params["shared"])
+        if p.device_of("shared", layer) == "cpu":
+            cpu += shared
+        else:
+            gpu += shared
+        total += max(pre + max((1 - defer) * cpu, gpu), cpu)
+    total += b.link(act) if p.devices.lm_head != where else 0.0
+    total += b.module(p.devices.lm_head, spec.bytes["lm_head"], n * 2 * spec.params["lm_head"])
+    return n / total, b.report(total)
+
+
+def prefill(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None,
+            prompt: int = PROMPT_TOKENS) -> tuple[float, dict]:
+    """Tokens/s of one prompt of `prompt` tokens, processed in chunks, and the breakdown."""
+    a, b = spec.arch, Breakdown(fig)
+    k, step = a.num_experts_per_tok, p.prefill.chunk_tokens
+    chunks = [(s, min(step, prompt - s)) for s in range(0, prompt, step)]
+    stream = p.prefill.stream_threshold_tokens is not None and prompt >= p.prefill.stream_threshold_tokens
+    total = 0.0
+    for layer in range(a.num_hidden_layers):
+        dev, router = p.device_of("attention", layer), p.device_of("router", layer)
+        moe = a.is_moe(layer)
+        ids = p.gpu_experts_of(layer) if moe else []
+        layer_s = 0.0
+        for start, t in chunks:
+            att = b.module(dev, spec.bytes["attention"], t * spec.attention_flops(start + t // 2, absorbed=False))
+            if not moe:
+                dense = p.device_of("dense", layer)
+                layer_s += att + b.module(dense, spec.bytes["dense"], t * 2 * spec.params["dense"])
+                continue
+            att += b.module(router, spec.bytes["router"], t * 2 * spec.params["router"])
+            shared_dev = p.device_of("shared", layer)
+            shared = b.module(shared_dev, spec.bytes["shared"], t * 2 * spec.params["shared"])
+            g_n, c_n, share = _experts(spec, ids, (freqs or {}).get(layer), t)
+            if stream and router != "cpu":  # every routed expert runs on the GPU
+                layer_s += att + shared + b.module(router, (g_n + c_n) * spec.bytes["expert"],
+                                                   t * k * spec.expert_flops)
+                continue
+            gpu = b.module(router, g_n * spec.bytes["expert"], t * k * share * spec.expert_flops) if ids else 0.0
+            cpu = _cpu_experts(b, spec, p.cpu.method, c_n, t * k * (1 - share), fig.host_gbps) if c_n else 0.0
+            if cpu and router != "cpu":
+                cpu += b.link(t * a.hidden_size * 2) + b.link(t * a.hidden_size * 2)
+            if shared_dev == "cpu":
+                cpu += shared
+            else:
+                gpu += shared
+            layer_s += att + max(cpu, gpu)
+        if stream and moe and router != "cpu":  # the next layer's experts arrive while this one computes
+            resident = (a.n_routed_experts - len(ids)) * spec.bytes["expert"]
+            layer_s = max(layer_s, b.add("expert streaming (PCIe)", resident / (fig.pcie_gbps * 1e9)))
+        total += layer_s
+    total += b.module(p.devices.lm_head, spec.bytes["lm_head"], 2 * spec.params["lm_head"])
+    return prompt / total, b.report(total)
+
+
+def stream_threshold(spec: ModelSpec, fig: Figures, method: str, cpu_experts: float, cpu_share: float,
+                     gpu: int = 0) -> int | None:
+    """Smallest prompt for which streaming a layer's `cpu_experts` over PCIe (and running them on
+    GPU `gpu`) beats running them on the CPU; None when it never does."""
+    if not cpu_experts or not fig.gpu_tflops:
+        return None
+    a = spec.arch
+    e, k, flops = a.n_routed_experts, a.num_experts_per_tok, spec.expert_flops
+    stream_s = cpu_experts * spec.bytes["expert"] / (fig.pcie_gbps * 1e9)
+
+    def wins(t: int) -> bool:
+        picks = t * k * cpu_share
+        cpu_s = max(cpu_experts * (1 - (1 - k / e) ** t) * spec.expert_host_bytes(method) / (fig.host_gbps * 1e9),
+                    picks * flops / (fig.cpu_prefill_tflops * 1e12))
+        return max(stream_s, picks * flops / (fig.gpu_tflops[gpu] * 1e12)) < cpu_s
+
+    lo, hi = 1, 1 << 22
+    if not wins(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if wins(mid) else (mid + 1, hi)
+    return lo

@@ -1,0 +1,74 @@
+"""The same placement as launch flags for other engines: SGLang with kt-kernel, and llama.cpp.
+
+Both take one number of GPU experts where a profile lists them per layer, and split layers across
+GPUs their own way (SGLang: tensor parallel; llama.cpp: `--tensor-split` by layer), so the flags
+reproduce the totals of the plan rather than its exact expert lists.
+"""
+
+from __future__ import annotations
+
+from placement.model_spec import ModelSpec
+from placement.profile import Profile
+
+KT_METHOD = {"int4_kgroup": "RAWINT4", "amx_int4": "AMXINT4", "amx_int8": "AMXINT8", "bf16": "BF16"}
+
+
+def _gpu_experts_per_layer(p: Profile) -> int:
+    moe = list(p.model.moe_layers)
+    return sum(len(p.gpu_experts_of(layer)) for layer in moe) // max(1, len(moe))
+
+
+def _command(program: str, flags: list[tuple[str, object]], notes: list[str]) -> str:
+    lines = [f"# {n}" for n in notes] + [program + " \\"]
+    lines += [f"  {flag} {value}".rstrip() + " \\" for flag, value in flags]
+    lines[-1] = lines[-1].removesuffix(" \\")
+    return "\n".join(lines)
+
+
+def sglang(p: Profile, model_dir: str = "MODEL_DIR") -> str:
+    """`python -m sglang.launch_server` with kt-kernel's --kt-* flags (kvcache-ai's SGLang fork)."""
+    if not p.hardware.gpus:
+        return "# SGLang with kt-kernel needs at least one GPU; this plan has none (use `hybrid serve`)."
+    notes = [f"SGLang + kt-kernel for the placement of {p.model.name} (same totals; SGLang splits layers "
+             "across GPUs by tensor parallel, not by range)."]
+    if p.cpu.backend != "kt":
+        notes.append("kt-kernel's MoE kernels need AVX-512, which this CPU lacks: this command will not run here.")
+    weights = model_dir
+    if p.cpu.method != "int4_kgroup":
+        weights = "CPU_WEIGHTS_DIR"
+        notes.append(f"{KT_METHOD[p.cpu.method]} reads CPU weights converted by kt-kernel's convert_cpu_weights.py "
+                     "into CPU_WEIGHTS_DIR.")
+    flags = [("--model-path", model_dir), ("--trust-remote-code", ""), ("--kt-method", KT_METHOD[p.cpu.method]),
+             ("--kt-weight-path", weights), ("--kt-cpuinfer", p.cpu.threads),
+             ("--kt-threadpool-count", p.cpu.threadpools), ("--kt-num-gpu-experts", _gpu_experts_per_layer(p))]
+    if p.prefill.stream_threshold_tokens is not None:
+        flags.append(("--kt-gpu-prefill-token-threshold", p.prefill.stream_threshold_tokens))
+    if p.decode.defer_experts:
+        flags.append(("--kt-max-deferred-experts-per-token", p.decode.defer_experts))
+    kv = p.kv_cache
+    flags += [("--tensor-parallel-size", len(p.hardware.gpus)), ("--context-length", kv.context_length),
+              ("--max-total-tokens", kv.max_tokens), ("--max-running-requests", kv.concurrency),
+              ("--chunked-prefill-size", p.prefill.chunk_tokens)]
+    return _command("python -m sglang.launch_server", flags, notes)
+
+
+def llamacpp(p: Profile, spec: ModelSpec, gguf: str = "MODEL.gguf") -> str:
+    """`llama-server` flags: llama.cpp keeps a layer's routed experts on the CPU or on a GPU as a
+    whole, so the plan's GPU expert memory becomes a count of layers (`--n-cpu-moe`)."""
+    a = spec.arch
+    moe = len(a.moe_layers)
+    on_gpu = sum(len(p.gpu_experts_of(layer)) for layer in a.moe_layers) // a.n_routed_experts
+    notes = [f"llama.cpp for the placement of {p.model.name}: the GGUF's own quantization sets the sizes; "
+             f"the plan's GPU experts fill {on_gpu} of {moe} MoE layers."]
+    kv = p.kv_cache
+    flags: list[tuple[str, object]] = [("-m", gguf), ("-ngl", a.num_hidden_layers + 1 if p.hardware.gpus else 0)]
+    if p.hardware.gpus:
+        flags.append(("--n-cpu-moe", moe - on_gpu))
+    if len(p.hardware.gpus) > 1:
+        counts = {f"cuda:{i}": 0 for i in range(len(p.hardware.gpus))}
+        for r in p.devices.layers:
+            counts[r.attention] = counts.get(r.attention, 0) + r.last - r.first + 1
+        flags.append(("--tensor-split", ",".join(str(counts[d]) for d in sorted(counts) if d != "cpu")))
+    flags += [("-c", kv.context_length * kv.concurrency), ("-np", kv.concurrency), ("-t", p.cpu.threads),
+              ("-ub", min(p.prefill.chunk_tokens, 4096)), ("-fa", "on")]
+    return _command("llama-server", flags, notes)

@@ -1,0 +1,260 @@
+"""The Profile: the single written record of what runs where, for one model on one machine.
+
+A versioned YAML file an operator can read, edit and check. The planner writes it; the runtime
+asks it (`device_of`, `gpu_experts_of`) and refuses one with problems, with the same messages
+`hybrid profile validate` prints: each names the field's path and what would fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from placement.hardware import Hardware
+from placement.model_spec import Arch, ModelSpec, ModelSpecError
+
+PROFILE_VERSION = 1
+METHODS = ("int4_kgroup", "amx_int4", "amx_int8", "bf16")
+LAYER_GROUPS = ("attention", "router", "shared", "dense")
+_DEVICE = re.compile(r"cpu|cuda:(\d+)")
+
+SECTION_NOTES = {
+    "model": "the checkpoint this placement is for (`hybrid profile validate FILE --model DIR` checks it)",
+    "hardware": "the machine it was planned for; sizes in GiB, free_gib is what was free when detected",
+    "devices": "where each module group runs (cpu or cuda:N); layer ranges are inclusive",
+    "gpu_experts": "routed experts kept on the GPU of each layer's router, by layer; all others run on the CPU",
+    "cpu": "CPU experts: backend kt (kt-kernel) or torch; method int4_kgroup (the checkpoint's INT4 in place),\n"
+           "amx_int4 / amx_int8 (re-quantized for AMX) or bf16; threads: kernel threads; threadpools: per NUMA node",
+    "kv_cache": "paged MLA latent cache on each layer's attention device; max_tokens = context_length x concurrency",
+    "prefill": "prompts of stream_threshold_tokens or more stream CPU experts to the GPU layer by layer\n"
+               "(null: never); stream_buffer_mib is the staging memory per GPU",
+    "decode": "defer_experts: of each token's routed experts, how many lowest-weight ones may finish\n"
+              "during the next layer (0: exact)",
+    "prediction": "what the cost model expects, for information (formulas in docs/placement.md)",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message} (fix: {self.fix})"
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be run; the message lists every problem."""
+
+    def __init__(self, problems: list[Problem], source: str = "profile"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Arch):
+    config_hash: str
+
+
+class LayerDevices(_Section):
+    first: int = Field(ge=0)
+    last: int = Field(ge=0)
+    attention: str
+    router: str
+    shared: str
+    dense: str
+
+
+class Devices(_Section):
+    embed: str
+    lm_head: str
+    layers: list[LayerDevices]
+
+
+class CpuSection(_Section):
+    backend: Literal["kt", "torch"]
+    method: Literal[METHODS]
+    threads: int = Field(ge=1)
+    threadpools: int = Field(ge=1)
+
+
+class KVCache(_Section):
+    dtype: Literal["bf16", "fp8"] = "bf16"
+    page_size: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+    max_pages: int = Field(ge=1)
+    context_length: int = Field(ge=1)
+    concurrency: int = Field(ge=1)
+
+
+class Prefill(_Section):
+    chunk_tokens: int = Field(ge=1)
+    stream_threshold_tokens: int | None = Field(default=None, ge=1)
+    stream_buffer_mib: dict[str, int] = Field(default_factory=dict)
+
+
+class Decode(_Section):
+    defer_experts: int = Field(default=0, ge=0)
+
+
+class Prediction(_Section):
+    decode_tok_s: float
+    prefill_tok_s: float
+    decode_context: int
+    prompt_tokens: int
+    concurrency: int
+    decode_ms: dict[str, float]
+    prefill_ms: dict[str, float]
+
+
+class Profile(_Section):
+    version: int
+    model: ModelSection
+    hardware: Hardware
+    devices: Devices
+    gpu_experts: dict[int, list[int]] = Field(default_factory=dict)
+    cpu: CpuSection
+    kv_cache: KVCache
+    prefill: Prefill
+    decode: Decode = Field(default_factory=Decode)
+    prediction: Prediction | None = None
+
+    # ---- what the runtime asks ----
+    def device_of(self, module: str, layer: int | None = None) -> str:
+        """'cpu' or 'cuda:N' for embed, lm_head (and the final norm), or a layer's attention,
+        router, shared or dense module."""
+        if module == "embed":
+            return self.devices.embed
+        if module in ("lm_head", "norm"):
+            return self.devices.lm_head
+        if module not in LAYER_GROUPS or layer is None:
+            raise ValueError(f"device_of({module!r}, {layer!r}): use embed, lm_head, or one of "
+                             f"{', '.join(LAYER_GROUPS)} with a layer index")
+        for r in self.devices.layers:
+            if r.first <= layer <= r.last:
+                return getattr(r, module)
+        raise ValueError(f"layer {layer} is in no devices.layers range")
+
+    def gpu_experts_of(self, layer: int) -> list[int]:
+        """Routed experts of `layer` resident on its router's GPU (the rest run on the CPU)."""
+        return list(self.gpu_experts.get(layer, []))
+
+    # ---- reading and writing ----
+    @classmethod
+    def load(cls, path: str | Path, model: str | Path | None = None) -> Profile:
+        """Read and check a profile (against a checkpoint folder or config.json when given)."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ProfileError([Problem(str(path), f"cannot read ({e.strerror})", "give an existing file")],
+                               str(path)) from None
+        return cls.parse(text, model, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, model: str | Path | None = None, source: str = "profile") -> Profile:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f"line {line + 1}" if line is not None else "the file"
+            raise ProfileError([Problem("(file)", f"not valid YAML: {getattr(e, 'problem', e)}",
+                                        f"correct the syntax at {where}")], source) from None
+        if not isinstance(data, dict):
+            raise ProfileError([Problem("(file)", "is not a YAML mapping", "start from a profile that "
+                                        "`hybrid plan --out` wrote")], source)
+        try:
+            profile = cls.model_validate(data)
+        except ValidationError as e:
+            raise ProfileError([_schema_problem(err) for err in e.errors()], source) from None
+        try:
+            checkpoint = Arch.from_config(model) if model else None
+        except ModelSpecError as e:
+            raise ProfileError([Problem("--model", str(e), "give a checkpoint folder or its config.json")],
+                               source) from None
+        problems = profile.problems(checkpoint)
+        if problems:
+            raise ProfileError(problems, source)
+        return profile
+
+    def to_yaml(self, header: str = "") -> str:
+        data = self.model_dump(mode="json")
+        data["hardware"] = self.hardware.model_dump(mode="json", exclude_none=True)
+        data["gpu_experts"] = {int(k): v for k, v in data["gpu_experts"].items()}
+        out = [f"# {line}".rstrip() for line in header.splitlines()]
+        for key, value in data.items():
+            note = SECTION_NOTES.get(key)
+            if note:
+                out += ["", *(f"# {line}" for line in note.splitlines())]
+            out.append(yaml.dump({key: value}, Dumper=_Dumper, sort_keys=False, width=110).rstrip())
+        return "\n".join(out) + "\n"
+
+    def save(self, path: str | Path, header: str = "") -> None:
+        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_yaml(header))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- checks ----
+    def problems(self, checkpoint: Arch | None = None) -> list[Problem]:
+        """Everything that would stop this profile from running as written."""
+        from placement.checks import check
+
+        return check(self, checkpoint)
+
+    def gpu_index(self, device: str) -> int | None:
+        """N for a 'cuda:N' this machine has, None for 'cpu'; ValueError for anything else."""
+        m = _DEVICE.fullmatch(device)
+        if not m or (m.group(1) is not None and int(m.group(1)) >= len(self.hardware.gpus)):
+            raise ValueError(device)
+        return None if m.group(1) is None else int(m.group(1))
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_arch(Arch(**self.model.model_dump(exclude={"config_hash"})))
+
+
+def _schema_problem(err: dict) -> Problem:
+    path = ".".join(str(x) for x in err["loc"]) or "(file)"
+    kind, ctx = err["type"], err.get("ctx", {})
+    fix = {
+        "missing": "add this field",
+        "extra_forbidden": "remove it: it is not a profile field",
+        "literal_error": f"use one of {ctx.get('expected', '')}",
+        "greater_than_equal": f"use a value of at least {ctx.get('ge')}",
+        "greater_than": f"use a value above {ctx.get('gt')}",
+    }.get(kind, "write a value of the type shown in docs/placement.md")
+    shown = repr(err.get("input"))
+    value = "" if kind == "missing" or isinstance(err.get("input"), dict) else \
+        f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    return Problem(path, f"{err['msg']}{value}", fix)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block mappings, but lists of plain values on one line: expert ids stay readable."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, items: list):
+    flow = all(not isinstance(x, (dict, list)) for x in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)

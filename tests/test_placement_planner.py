@@ -1,0 +1,181 @@
+"""Planner: placements on known machines, refusals, stats, and properties over random machines."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from placement.hardware import CPU, GPU, Hardware, describe, gpu_from_spec, isa_from, parse_gib
+from placement.memory import usage
+from placement.model_spec import Arch, ModelSpec
+from placement.planner import PlanError, Request, Stats, plan
+
+FIXTURES = Path(__file__).parent / "fixtures"
+KIMI = ModelSpec.from_config(FIXTURES / "kimi_k2_6_config.json", "kimi-k2.7-code")
+DEEPSEEK = ModelSpec.from_config(FIXTURES / "deepseek_v3_config.json", "deepseek-v3")
+TINY = ModelSpec.from_arch(Arch.from_dict({
+    "vocab_size": 1280, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+    "num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 16, "num_experts_per_tok": 4,
+    "n_shared_experts": 1, "num_attention_heads": 4, "q_lora_rank": 96, "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "max_position_embeddings": 131072,
+    "quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+        "g": {"weights": {"num_bits": 4, "strategy": "group", "group_size": 32}}}},
+}, "tiny"))
+XEON = dict(cores=64, numa=2, isa="amx")
+
+
+def gpu_experts(p) -> int:
+    return sum(len(ids) for ids in p.gpu_experts.values())
+
+
+def test_hardware_descriptions():
+    assert parse_gib("24GB") == 24 and parse_gib("1TB") == 1024 and parse_gib("512 GiB") == 512
+    assert gpu_from_spec("h100").memory_gib > 79 and gpu_from_spec("RTX 4090=24GB").name == "RTX 4090"
+    assert isa_from("amx") == ["amx", "avx512_bf16", "avx512", "avx2"]
+    with pytest.raises(ValueError, match="24GB"):
+        gpu_from_spec("lots")
+
+
+def test_hardware_yaml(tmp_path):
+    f = tmp_path / "box.yaml"
+    f.write_text("gpus: [4090, {name: A6000, memory: 48GB}]\ncpu: {cores: 32, isa: avx512}\nram: 512GB\n"
+                 "measured: {host_gbps: 150}\n")
+    hw = Hardware.load(f)
+    assert [g.memory_gib for g in hw.gpus] == [23.99, 48] and hw.cpu.isa == ["avx512", "avx2"]
+    assert hw.ram_gib == 512 and hw.measured.host_gbps == 150
+
+
+def test_detect_reads_this_machine_and_resolve_replaces_parts():
+    from placement.hardware import detect, resolve
+
+    hw = detect()
+    assert hw.cpu.cores >= 1 and hw.ram_gib > 0 and set(hw.cpu.isa) <= {"amx", "avx512_bf16", "avx512", "avx2"}
+    planned = resolve(gpus=["h100", "h100"], ram="2TB", isa="amx", host_gbps=300)
+    assert [g.name for g in planned.gpus] == ["h100", "h100"] and planned.ram_gib == 2048
+    assert planned.cpu.has("amx") and planned.measured.host_gbps == 300 and planned.cpu.cores == hw.cpu.cores
+    assert resolve(no_gpu=True).gpus == []
+
+
+def test_one_4090_holds_the_dense_part_and_a_context_that_fits():
+    p = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
+    assert p.device_of("attention", 0) == p.device_of("shared", 60) == p.device_of("lm_head") == "cuda:0"
+    assert p.device_of("embed") == "cpu"
+    assert gpu_experts(p) == 0 and 16384 < p.kv_cache.context_length < 131072
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads, p.cpu.threadpools) == ("kt", "int4_kgroup", 63, 2)
+    assert p.problems() == []
+
+
+def test_h100_keeps_experts_and_streams_long_prompts():
+    p = plan(KIMI, describe(["H100 PCIe=79.65GB"], "768GB", **XEON))
+    assert p.kv_cache.context_length == 131072
+    counts = {len(p.gpu_experts_of(layer)) for layer in range(1, 61)}
+    assert max(counts) - min(counts) <= 1 and 1500 < gpu_experts(p) < 3000
+    assert 100 < p.prefill.stream_threshold_tokens < 8192
+    assert p.prediction.decode_tok_s > 0 and p.prediction.prefill_tok_s > 0
+
+
+def test_no_gpu_gives_a_cpu_only_plan():
+    p = plan(KIMI, describe([], "1TB", **XEON))
+    assert {p.device_of(g, layer) for g in ("attention", "router", "shared") for layer in range(1, 61)} == {"cpu"}
+    assert p.device_of("lm_head") == "cpu" and p.gpu_experts == {} and p.prefill.stream_threshold_tokens is None
+
+
+def test_fp8_model_on_amx_uses_int8_when_it_fits():
+    assert plan(DEEPSEEK, describe(["4090"], "1TB", **XEON)).cpu.method == "amx_int8"
+    assert plan(DEEPSEEK, describe(["4090"], "512GB", **XEON)).cpu.method == "amx_int4"
+    p = plan(TINY, describe([], "8GB", cores=4, isa="avx2"))
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("torch", "bf16", 3)
+
+
+@pytest.mark.parametrize("hw,pattern", [
+    (describe(["4090"], "256GB", **XEON), r"host RAM.*routed experts 531\.6 GiB.*256\.0 GiB: short by"),
+    (describe(["16GB"], "1TB", **XEON), r"GPU-resident weights .* need 19\.6 GiB.*short by at least"),
+    (describe(["4090"], "1TB", cores=64, isa="avx2"), r"as bf16 on the torch backend.*short by"),
+])
+def test_impossible_machines_are_refused_with_the_shortfall(hw, pattern):
+    with pytest.raises(PlanError, match=pattern):
+        plan(KIMI, hw)
+
+
+def test_a_context_that_does_not_fit_is_refused_with_the_largest_that_does():
+    with pytest.raises(PlanError, match=r"short by .* GiB\. Ask for --context \d+ or less"):
+        plan(KIMI, describe(["4090"], "1TB", **XEON), Request(context=131072))
+    p = plan(KIMI, describe(["4090"], "1TB", **XEON), Request(context=16384, concurrency=2))
+    assert (p.kv_cache.max_tokens, p.kv_cache.concurrency) == (32768, 2)
+
+
+def test_stats_put_the_most_used_experts_on_the_gpu(tmp_path):
+    counts = {str(layer): [1] * 384 for layer in range(1, 61)}
+    counts["5"] = [1000 if i in (7, 99) else 1 for i in range(384)]
+    f = tmp_path / "stats.json"
+    f.write_text(json.dumps({"layers": counts}))
+    hw = describe(["H100 PCIe=79.65GB"], "768GB", **XEON)
+    p = plan(KIMI, hw, Request(stats=Stats.load(f, KIMI)))
+    assert {7, 99} <= set(p.gpu_experts_of(5)) and gpu_experts(p) == gpu_experts(plan(KIMI, hw))
+    f.write_text(json.dumps({"layers": {"0": [1] * 384}}))
+    with pytest.raises(PlanError, match="layer 0 must be an MoE layer"):
+        Stats.load(f, KIMI)
+
+
+def test_all_experts_on_gpus_bring_the_embedding_along():
+    p = plan(TINY, describe(["8GB"], "16GB", cores=8, isa="avx512"))
+    assert gpu_experts(p) == 2 * 16 and p.device_of("embed") == "cuda:0"
+
+
+# ---- properties over random machines ----
+
+gpu_sizes = st.floats(min_value=4, max_value=200).map(lambda x: round(x, 2))
+machines = st.builds(
+    lambda gpus, ram, cores, numa, isa: Hardware(gpus=[GPU(name="GPU", memory_gib=g) for g in gpus],
+                                                 cpu=CPU(cores=cores, numa_nodes=min(numa, cores), isa=isa_from(isa)),
+                                                 ram_gib=ram),
+    st.lists(gpu_sizes, max_size=4), st.floats(min_value=8, max_value=2048), st.integers(1, 128),
+    st.integers(1, 4), st.sampled_from(["amx", "avx512_bf16", "avx512", "avx2"]))
+models = st.sampled_from([KIMI, DEEPSEEK, TINY])
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _plan_or_refusal(spec, hw):
+    try:
+        return plan(spec, hw)
+    except PlanError as e:
+        assert re.search(r"short by (at least )?\d+\.\d GiB", str(e)), str(e)
+        return None
+
+
+@PROPERTY
+@given(models, machines)
+def test_no_device_is_planned_past_its_memory(spec, hw):
+    p = _plan_or_refusal(spec, hw)
+    if p is None:
+        return
+    for device, u in usage(p, spec).items():
+        assert u.total <= u.budget, device
+    assert p.problems() == []
+
+
+@PROPERTY
+@given(models, machines, st.data())
+def test_more_gpu_memory_never_means_fewer_experts_or_less_kv(spec, hw, data):
+    if not hw.gpus:
+        return
+    before = _plan_or_refusal(spec, hw)
+    grown = [g.model_copy(update={"memory_gib": g.memory_gib + data.draw(st.floats(0, 64))}) for g in hw.gpus]
+    after = _plan_or_refusal(spec, hw.model_copy(update={"gpus": grown}))
+    if before is None:
+        return
+    assert after is not None
+    assert gpu_experts(after) >= gpu_experts(before)
+    assert after.kv_cache.max_tokens >= before.kv_cache.max_tokens
+
+
+@PROPERTY
+@given(models, machines)
+def test_impossible_machines_name_their_shortfall(spec, hw):
+    small = hw.model_copy(update={"ram_gib": 4.0, "gpus": [g.model_copy(update={"memory_gib": 2.0}) for g in hw.gpus]})
+    if spec is not TINY:
+        with pytest.raises(PlanError, match=r"short by (at least )?\d+\.\d GiB"):
+            plan(spec, small)

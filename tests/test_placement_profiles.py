@@ -1,0 +1,97 @@
+"""Shipped profiles, `hybrid plan`, and the launch flags for other engines."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hybrid.cli import app
+from placement.emit import llamacpp, sglang
+from placement.profile import Profile
+
+ROOT = Path(__file__).parent.parent
+KIMI_CONFIG = ROOT / "tests" / "fixtures" / "kimi_k2_6_config.json"
+
+
+def _generate():
+    spec = importlib.util.spec_from_file_location("profiles_generate", ROOT / "profiles" / "generate.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATE = _generate()
+SPECS = GENERATE.models()
+
+
+def test_every_profile_file_is_generated():
+    assert {s.file for s in GENERATE.SHIPPED} == {f.name for f in (ROOT / "profiles").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("shipped", GENERATE.SHIPPED, ids=lambda s: s.file)
+def test_shipped_profile_validates_and_replans_to_the_same_placement(shipped):
+    loaded = Profile.load(ROOT / "profiles" / shipped.file)
+    assert loaded.problems() == []
+    assert GENERATE.replan(shipped, SPECS).model_dump() == loaded.model_dump()
+    assert loaded.to_yaml().splitlines()[0] == "version: 1"
+
+
+def test_shipped_kimi_profile_matches_its_checkpoint_config():
+    Profile.load(ROOT / "profiles" / "kimi-k2.7-code_1x4090_1tb.yaml", model=KIMI_CONFIG)
+
+
+def test_runtime_helpers():
+    p = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_2x4090_768gb.yaml")
+    assert p.device_of("attention", 0) == "cuda:0" and p.device_of("router", 60) == "cuda:1"
+    assert p.device_of("embed") == "cpu" and p.device_of("lm_head") == p.device_of("norm") == "cuda:1"
+    assert p.gpu_experts_of(0) == [] and len(p.gpu_experts_of(1)) > 0
+    with pytest.raises(ValueError, match="layer index"):
+        p.device_of("attention")
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    p = Profile.load(ROOT / "profiles" / "tiny_cpu_2core.yaml")
+    out = tmp_path / "p.yaml"
+    p.save(out, "a note")
+    assert out.read_text().startswith("# a note\n") and Profile.load(out) == p
+    assert [f.name for f in tmp_path.iterdir()] == ["p.yaml"]
+
+
+def test_hybrid_plan_prints_the_placement_for_profile_a(tmp_path):
+    out = tmp_path / "a.yaml"
+    args = ["plan", "--config", str(KIMI_CONFIG), "--name", "kimi-k2.7-code", "--gpu", "RTX 4090=23.99GB",
+            "--ram", "1TB", "--cores", "64", "--numa", "2", "--isa", "amx", "--out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for needle in ("Placement (GiB)", "cuda:0", "layers 0-60: attn, router, shared, dense", "lm_head",
+                   "23,040 routed experts (int4_kgroup on kt, 63 threads)", "KV cache: 39,616 tokens",
+                   "Predicted speed: decode", "CPU expert bytes / host bandwidth", "GPU memory reads", "total"):
+        assert needle in text, needle
+    shipped = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_1x4090_1tb.yaml")
+    written = Profile.load(out)
+    assert written.devices == shipped.devices and written.kv_cache == shipped.kv_cache
+
+
+def test_hybrid_plan_refusal_is_a_message_not_a_traceback():
+    args = ["plan", "--config", str(KIMI_CONFIG), "--gpu", "4090", "--ram", "256GB", "--cores", "64", "--isa", "amx"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "short by" in result.output and "Traceback" not in result.output
+
+
+def test_emit_sglang_and_llamacpp():
+    p = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_1xh100_768gb.yaml")
+    cmd = sglang(p, "/models/kimi")
+    for flag in ("--kt-method RAWINT4", "--kt-weight-path /models/kimi", "--kt-cpuinfer 63",
+                 "--kt-threadpool-count 2", f"--kt-num-gpu-experts {sum(map(len, p.gpu_experts.values())) // 60}",
+                 f"--kt-gpu-prefill-token-threshold {p.prefill.stream_threshold_tokens}",
+                 "--tensor-parallel-size 1", "--max-total-tokens 131072"):
+        assert flag in cmd, flag
+    p2 = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_2x4090_768gb.yaml")
+    cmd = llamacpp(p2, p2.spec())
+    assert "-ngl 62" in cmd and "--n-cpu-moe 59" in cmd and "--tensor-split 31,30" in cmd and "-c 131072" in cmd
+    assert "needs at least one GPU" in sglang(Profile.load(ROOT / "profiles" / "kimi-k2.7-code_cpu_1tb.yaml"))
+    ds = Profile.load(ROOT / "profiles" / "deepseek-v3_1x4090_1tb.yaml")
+    assert "--kt-method AMXINT8" in sglang(ds) and "--kt-weight-path CPU_WEIGHTS_DIR" in sglang(ds)

@@ -1,0 +1,115 @@
+"""`hybrid profile validate`: every fault named by its field, with a fix, never as a traceback."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hybrid.cli import app
+from placement.profile import Profile, ProfileError
+
+ROOT = Path(__file__).parent.parent
+BASE = ROOT / "profiles" / "kimi-k2.7-code_1xh100_768gb.yaml"
+KIMI_CONFIG = ROOT / "tests" / "fixtures" / "kimi_k2_6_config.json"
+DEEPSEEK_CONFIG = ROOT / "tests" / "fixtures" / "deepseek_v3_config.json"
+
+
+def _set(path: str, value):
+    def fault(d: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            d = d[int(key) if isinstance(d, list) or key.isdigit() else key]
+        d[int(last) if last.isdigit() else last] = value
+    return fault
+
+
+def _drop(path: str):
+    def fault(d: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            d = d[key]
+        del d[last]
+    return fault
+
+
+FAULTS = {  # name -> (change to the profile, what the message must say)
+    "unknown device": (_set("devices.layers.0.attention", "cuda:1"),
+                       "devices.layers.0.attention: unknown device 'cuda:1' (fix: use 'cpu' or 'cuda:0'"),
+    "memory over budget": (_set("gpu_experts.1", list(range(384))),
+                           "gpu_experts (on cuda:0): cuda:0 would hold 87.7 GiB"),
+    "too many experts": (_set("gpu_experts.2", list(range(384)) * 2),
+                         "gpu_experts.2: lists 768 experts; the layer has 384"),
+    "expert id out of range": (_set("gpu_experts.3", [0, 1, 384]),
+                               "gpu_experts.3: expert ids [384] are out of range (fix: use ids 0-383)"),
+    "threads over cores": (_set("cpu.threads", 128),
+                           "cpu.threads: 128 threads but the machine has 64 physical cores"),
+    "unknown method": (_set("cpu.method", "amx_int3"),
+                       "cpu.method: Input should be 'int4_kgroup', 'amx_int4', 'amx_int8' or 'bf16'"),
+    "unsupported version": (_set("version", 2), "version: 2 is not supported"),
+    "experts on a dense layer": (_set("gpu_experts.0", [1, 2]), "gpu_experts.0: layer 0 is a dense layer"),
+    "layer not covered": (_set("devices.layers.0.last", 50), "devices.layers: layers 51-60 are in no range"),
+    "kv smaller than context": (_set("kv_cache.context_length", 200000),
+                                "kv_cache.max_tokens: 131072 is less than context_length x concurrency = 200000"),
+    "missing field": (_drop("cpu.threads"), "cpu.threads: Field required (fix: add this field)"),
+    "too many deferred experts": (_set("decode.defer_experts", 8),
+                                  "decode.defer_experts: 8 defers every routed expert"),
+}
+
+
+def _validate(tmp_path: Path, text: str, *extra: str):
+    f = tmp_path / "broken.yaml"
+    f.write_text(text)
+    return CliRunner().invoke(app, ["profile", "validate", str(f), *extra], env={"COLUMNS": "200"})
+
+
+def _problem_lines(output: str) -> list[str]:
+    return [line.strip()[2:] for line in output.splitlines() if line.startswith("  - ")]
+
+
+def test_the_base_profile_is_valid(tmp_path):
+    result = _validate(tmp_path, BASE.read_text(), "--model", str(KIMI_CONFIG))
+    assert result.exit_code == 0 and "valid" in result.output
+
+
+def test_each_fault_gets_its_own_accurate_message(tmp_path):
+    messages = []
+    for name, (fault, expected) in FAULTS.items():
+        data = yaml.safe_load(BASE.read_text())
+        fault(data)
+        result = _validate(tmp_path, yaml.safe_dump(data, sort_keys=False))
+        assert result.exit_code == 1, name
+        assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception,
+                                                                                              SystemExit), name
+        lines = _problem_lines(result.output)
+        assert len(lines) == 1, (name, lines)
+        assert expected in lines[0], (name, lines[0])
+        assert "(fix: " in lines[0], name
+        messages.append(lines[0])
+    assert len(set(messages)) == len(FAULTS) >= 10
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path):
+    result = _validate(tmp_path, "version: 1\nmodel: [unclosed\n")
+    assert result.exit_code == 1 and "not valid YAML" in result.output and "line" in result.output
+
+
+def test_a_profile_for_another_model_is_refused_field_by_field(tmp_path):
+    result = _validate(tmp_path, BASE.read_text(), "--model", str(DEEPSEEK_CONFIG))
+    lines = _problem_lines(result.output)
+    assert result.exit_code == 1
+    assert any(line.startswith("model.n_routed_experts: profile says 384, the checkpoint's config.json says 256")
+               for line in lines)
+
+
+def test_load_lists_every_problem_at_once(tmp_path):
+    data = yaml.safe_load(BASE.read_text())
+    data["cpu"]["threads"] = 999
+    data["gpu_experts"][4] = [999]
+    data["decode"]["defer_experts"] = 8
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError) as e:
+        Profile.load(f)
+    assert len(e.value.problems) == 3
+    assert all(str(p) in str(e.value) for p in e.value.problems)
