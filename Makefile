@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/hybrid demo
+	$(VENV)/bin/hybrid serve $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

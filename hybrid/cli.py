@@ -29,6 +29,27 @@ def synth(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def bench(
+    model: Path = typer.Option(None, help="Checkpoint folder (default: the tiny preset)."),
+    profile: Path = typer.Option(None, help="Placement profile; without one, a plan for this machine."),
+    prompt: int = typer.Option(512, help="Prompt tokens to prefill."),
+    decode: int = typer.Option(32, help="Tokens to decode after it."),
+):
+    """Measure prefill and decode with a placement, beside the planner's prediction."""
+    from rich.console import Console
+
+    from hybrid.default_model import resolve_model
+    from hybrid.tuning import compare, profile_for
+
+    console = Console()
+    folder = resolve_model(model, console.print)
+    p = profile_for(folder, profile)
+    with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
+        table = compare(folder, p, prompt, decode)
+    console.print(table)
+
+
 def _load_serving(model: Path | None, profile: Path | None, name: str | None, console):
     """Load a model (the default one if none is given) with a progress bar; start its engine."""
     import time
@@ -181,6 +202,31 @@ def profile_validate(
     experts = sum(len(ids) for ids in profile.gpu_experts.values())
     typer.echo(f"{file}: valid ({profile.model.name}; {experts:,} GPU experts; "
                f"KV {profile.kv_cache.max_tokens:,} tokens; {profile.hardware.summary()})")
+
+
+@profile_app.command("record")
+def profile_record(
+    prompts: Path = typer.Argument(..., help="Text file, one prompt per line (real traffic: the more the better)."),
+    out: Path = typer.Option(..., help="Stats file to write; counts are added to it if it exists."),
+    model: Path = typer.Option(None, help="Checkpoint folder (default: the tiny preset)."),
+    profile: Path = typer.Option(None, help="Placement profile to run with."),
+    max_tokens: int = typer.Option(32, help="Tokens to generate per prompt."),
+):
+    """Record per-layer routed-expert activation counts for `hybrid plan --stats`."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hybrid.default_model import resolve_model
+    from hybrid.tuning import record
+
+    console = Console()
+    folder = resolve_model(model, console.print)
+    lines = [line for line in prompts.read_text().splitlines() if line.strip()]
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("recording", total=len(lines))
+        data = record(folder, profile, lines, out, max_tokens, lambda done, total: bar.update(task, completed=done))
+    total = sum(sum(c) for c in data["layers"].values())
+    console.print(f"wrote {out}: {total:,} expert activations over {len(data['layers'])} MoE layers")
 
 
 if __name__ == "__main__":

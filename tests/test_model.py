@@ -3,9 +3,16 @@
 import pytest
 import torch
 
-from hybrid.api import load_model
+from hybrid.api import load_model as _load_model
+from hybrid.experts import ExpertOptions
+from hybrid.scheduler.placement import Placement
 from reference import load_reference
 from conftest import VARIANTS
+
+
+def load_model(folder, dtype=torch.bfloat16):
+    """The model with the portable torch expert backend, which computes in the model's dtype."""
+    return _load_model(folder, Placement.on("cpu", experts=ExpertOptions(backend="torch")), dtype=dtype)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

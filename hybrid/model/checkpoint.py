@@ -177,11 +177,18 @@ class Checkpoint:
         if fmt == "int4":
             w = dequantize_int4(*self._int4(module), self.config.quant.group_size, dtype)
         elif fmt == "fp8":
-            block = self.config.quant.block_size if self.config.quant else (128, 128)
-            w = dequantize_fp8_block(self.tensor(name), self.tensor(module + ".weight_scale_inv"), block, dtype)
+            w = dequantize_fp8_block(*self.fp8(module), self.fp8_block, dtype)
         else:
             w = self.tensor(name).to(dtype)
         return self._check(name, w)
+
+    @property
+    def fp8_block(self) -> tuple[int, int]:
+        return self.config.quant.block_size if self.config.quant else (128, 128)
+
+    def fp8(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block-FP8 weight as stored: (float8_e4m3fn weight, fp32 scale_inv per block)."""
+        return self._check(module + ".weight", self.tensor(module + ".weight")), self.tensor(module + ".weight_scale_inv")
 
     def _int4(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         packed, scale = self.tensor(module + ".weight_packed"), self.tensor(module + ".weight_scale")

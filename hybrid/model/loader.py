@@ -12,6 +12,7 @@ from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.weights import ExpertWeights
 from hybrid.model.checkpoint import Checkpoint, tensor_shapes
 from hybrid.model.decoder import DeepseekV3
+from hybrid.model.fp8_linear import Fp8Linear
 from hybrid.model.rope import Rope
 
 ExpertFactory = Callable[[int, ExpertWeights], ExpertBackend]
@@ -31,6 +32,12 @@ def build_model(ckpt: Checkpoint, make_experts: ExpertFactory, dtype: torch.dtyp
         model = DeepseekV3(cfg, experts)
     for name in tensor_shapes(cfg):
         if ".mlp.experts." in name:
+            continue
+        module = name.removesuffix(".weight")
+        if ckpt.stored_format(module) == "fp8":  # stays FP8 where it lives
+            w, s = (to_device(t, device_of(name)) for t in ckpt.fp8(module))
+            owner, _, attr = module.rpartition(".")
+            setattr(model.get_submodule(owner), attr, Fp8Linear(w, s, ckpt.fp8_block, dtype))
             continue
         float32 = name.endswith(("e_score_correction_bias", "mlp.gate.weight"))  # the router runs in fp32
         _set(model, name, to_device(ckpt.weight(name, torch.float32 if float32 else dtype), device_of(name)))

@@ -1,0 +1,33 @@
+"""Engine limits: page size, cache capacity, context length, how much one step may take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybrid.model.config import ModelConfig
+
+# KV cache size when neither the config nor a placement profile gives one.
+DEFAULT_KV_CACHE_BYTES = 512 << 20
+
+
+@dataclass
+class EngineConfig:
+    page_size: int = 16  # slots per page; also the prefix cache's granularity
+    kv_cache_tokens: int | None = None  # None: DEFAULT_KV_CACHE_BYTES worth, at most one full context
+    max_model_len: int | None = None  # longest prompt + reply; None: the model's max_position_embeddings
+    max_batch_tokens: int = 512  # tokens per forward step: decode tokens plus prompt chunks
+    max_running: int = 64  # sequences decoding at once
+
+    @classmethod
+    def from_profile(cls, profile) -> "EngineConfig":
+        """The KV cache and prefill chunk a placement Profile planned."""
+        kv = profile.kv_cache
+        return cls(page_size=kv.page_size, kv_cache_tokens=kv.max_pages * kv.page_size,
+                   max_model_len=kv.context_length, max_batch_tokens=profile.prefill.chunk_tokens)
+
+    def num_pages(self, model: ModelConfig, dtype_bytes: int) -> int:
+        tokens = self.kv_cache_tokens
+        if tokens is None:
+            per_token = model.num_hidden_layers * (model.kv_lora_rank + model.qk_rope_head_dim) * dtype_bytes
+            tokens = min(DEFAULT_KV_CACHE_BYTES // per_token, model.max_position_embeddings)
+        return max(1, tokens // self.page_size)

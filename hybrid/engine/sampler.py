@@ -1,0 +1,65 @@
+"""Next tokens for a batch of sequences, each with its own sampling parameters, in one pass of
+tensor ops over the batch.
+
+Sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws exactly from
+`probs`; each seeded sequence draws its noise from its own generator, so its tokens do not depend
+on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid.engine.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits [B, vocab] float32 (modified in place); outputs: each sequence's generated ids."""
+    for i, p in enumerate(params):
+        for process in p.logits_processors:
+            logits[i] = process(outputs[i], logits[i])
+    apply_penalties(logits, params, outputs)
+    tokens = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        probs = _probs(logits[rows], [params[i] for i in rows])
+        noise = torch.stack([_exponential(probs.shape[1], generators[i]) for i in rows])
+        tokens[rows] = (probs / noise).argmax(-1)
+    return tokens.tolist()
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> None:
+    """OpenAI's presence and frequency penalties, over the tokens generated so far."""
+    rows = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and outputs[i]]
+    if not rows:
+        return
+    counts = torch.zeros(len(rows), logits.shape[1])
+    for j, i in enumerate(rows):
+        counts[j].index_add_(0, torch.tensor(outputs[i]), torch.ones(len(outputs[i])))
+    presence = torch.tensor([params[i].presence_penalty for i in rows])[:, None]
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows])[:, None]
+    logits[rows] -= frequency * counts + presence * (counts > 0)
+
+
+def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering: [B, vocab] probabilities."""
+    logits = logits / torch.tensor([p.temperature for p in params])[:, None]
+    top_k = torch.tensor([p.top_k for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    if (top_k > 0).any() or (top_p < 1).any():
+        ranked, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[1])[None, :]
+        drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+        sorted_probs = ranked.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]  # keep while the mass before < top_p
+        logits = logits.scatter(1, order, ranked.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
+    return probs
+
+
+def _exponential(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(n).exponential_(generator=generator)

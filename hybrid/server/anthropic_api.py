@@ -1,0 +1,179 @@
+"""Anthropic's Messages API: POST /v1/messages (streamed or not) and /v1/messages/count_tokens, what
+Claude Code, Cline and other Anthropic clients send when pointed at this server.
+
+Any model name is served (clients name Claude models unless told otherwise). Errors on these paths
+take Anthropic's shape. A stream opens with message_start (usage counts the whole prompt, since
+prefix-cache hits are known only once the prompt is scheduled), sends a ping whenever the model is
+silent for PING_SECONDS, and ends with message_delta, whose cumulative usage splits the prompt
+into input_tokens and cache_read_input_tokens, and message_stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request, Response
+
+from hybrid.engine import RequestOutput, SamplingParams
+from hybrid.engine.constrained import ThinkingBudget, json_grammar, tool_call_grammar
+from hybrid.engine.grammar import GrammarError, GrammarProcessor
+from hybrid.server.anthropic_blocks import ContentBlocks
+from hybrid.server.anthropic_prompt import Conversation, read_conversation
+from hybrid.server.anthropic_schema import (CountTokensRequest, CountTokensResponse, MessageResponse,
+                                            MessagesRequest, Usage)
+from hybrid.server.errors import APIError, register_error_format
+from hybrid.server.openai_api import _until_disconnected
+from hybrid.server.reply import ReplyParser
+from hybrid.server.serving import Serving
+from hybrid.server.sse import sse, sse_response
+from hybrid.server.thinking_signature import ThinkingSigner
+from hybrid.server.tool_ids import next_call_index, reply_tool_ids
+from hybrid.tokenizer.specials import find_marker
+
+PING_SECONDS = 10.0
+PREFIX = "/v1/messages"
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               529: "overloaded_error"}
+
+router = APIRouter()
+
+
+def install(app: FastAPI) -> None:
+    """Add the endpoints, Anthropic's error shape on their paths, and the thinking signer."""
+    app.include_router(router)
+    register_error_format(app, PREFIX, anthropic_error)
+    app.state.thinking_signer = ThinkingSigner()
+
+
+def anthropic_error(e: APIError) -> dict:
+    kind = ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
+
+
+@router.post(PREFIX + "/count_tokens")
+async def count_tokens(body: CountTokensRequest, request: Request) -> CountTokensResponse:
+    conversation = read_conversation(body, request.app.state.thinking_signer)
+    return CountTokensResponse(input_tokens=len(_prompt(request.app.state.serving, conversation)))
+
+
+@router.post(PREFIX)
+async def messages(body: MessagesRequest, request: Request):
+    arrival = time.monotonic()
+    s: Serving = request.app.state.serving
+    signer: ThinkingSigner = request.app.state.thinking_signer
+    conversation = read_conversation(body, signer)
+    prompt = _prompt(s, conversation)
+    s.check_prompt(prompt)
+    params = _sampling(s, body, conversation, prompt)
+    parser = ReplyParser(s.tokenizer, prompt, parse_tools=bool(conversation.tools),
+                         call_id=reply_tool_ids("toolu_", prompt))
+    blocks = ContentBlocks(signer)
+    outputs = s.generate(prompt, params, arrival)
+    message_id = f"msg_{uuid.uuid4().hex}"
+
+    def finish(last: RequestOutput, token_ids: list[int]) -> tuple[str, str | None, Usage]:
+        stop_reason, stop_sequence = "end_turn", None
+        if last.finish_reason == "length":
+            stop_reason = "max_tokens"
+        elif parser.num_tool_calls:
+            stop_reason = "tool_use"
+        elif params.stop and token_ids and token_ids[-1] not in s.tokenizer.eos_ids:
+            hit = find_marker(s.tokenizer.decode(token_ids), tuple(x for x in params.stop if x))
+            if hit is not None:
+                stop_reason, stop_sequence = "stop_sequence", hit[1]
+        usage = Usage(input_tokens=last.num_prompt_tokens - last.num_cached_tokens,
+                      cache_read_input_tokens=last.num_cached_tokens, output_tokens=last.num_output_tokens)
+        return stop_reason, stop_sequence, usage
+
+    if body.stream:
+        async def stream() -> AsyncIterator[str]:
+            start = MessageResponse(id=message_id, model=s.model_name, content=[],
+                                    usage=Usage(input_tokens=len(prompt), output_tokens=0))
+            yield sse({"type": "message_start", "message": start.model_dump()}, "message_start")
+            token_ids: list[int] = []
+            try:
+                async for out in _with_pings(outputs):
+                    if out is None:
+                        yield sse({"type": "ping"}, "ping")
+                        continue
+                    token_ids += out.token_ids
+                    for event in blocks.feed(parser.feed(out)):
+                        yield sse(event, event["type"])
+                    if out.finished:
+                        for event in blocks.close():
+                            yield sse(event, event["type"])
+                        stop_reason, stop_sequence, usage = finish(out, token_ids)
+                        yield sse({"type": "message_delta", "usage": usage.model_dump(),
+                                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}},
+                                  "message_delta")
+                        yield sse({"type": "message_stop"}, "message_stop")
+            except APIError as e:
+                yield sse(anthropic_error(e), "error")
+
+        return sse_response(stream())
+
+    token_ids: list[int] = []
+    async for out in _until_disconnected(request, outputs):
+        token_ids += out.token_ids
+        blocks.feed(parser.feed(out))
+        last = out
+    blocks.close()
+    stop_reason, stop_sequence, usage = finish(last, token_ids)
+    message = MessageResponse(id=message_id, model=s.model_name, content=[], stop_reason=stop_reason,
+                              stop_sequence=stop_sequence, usage=usage)
+    return Response(blocks.message_json(message.model_dump()), media_type="application/json")
+
+
+def _prompt(s: Serving, conversation: Conversation) -> list[int]:
+    return s.chat_prompt(conversation.messages, conversation.tools, conversation.thinking, conversation.preserve)
+
+
+def _sampling(s: Serving, body: MessagesRequest, conversation: Conversation, prompt: list[int]) -> SamplingParams:
+    """Sampling as asked; a forced tool call or a structured answer is held to its grammar, enabled
+    thinking to its budget."""
+    params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                            max_tokens=body.max_tokens, stop=list(body.stop_sequences or []))
+    if conversation.forced:
+        grammar = tool_call_grammar(conversation.forced, next_call_index(conversation.messages))
+        param = "tool_choice"
+    elif conversation.answer_schema is not None:
+        grammar, param = json_grammar(conversation.answer_schema), "output_config.format.schema"
+    else:
+        grammar = None
+    if grammar is not None:
+        budget = min(body.max_tokens, s.engine.engine.max_model_len - len(prompt))
+        try:
+            params.logits_processors.append(GrammarProcessor(s.tokenizer, grammar, budget))
+        except GrammarError as e:
+            raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
+    elif conversation.thinking and body.thinking.budget_tokens:
+        params.logits_processors.append(ThinkingBudget(s.tokenizer, body.thinking.budget_tokens))
+    return params
+
+
+async def _with_pings(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput | None]:
+    """The outputs, with None after every PING_SECONDS of silence. Closing this closes `outputs`."""
+    it = aiter(outputs)
+    pending = asyncio.ensure_future(anext(it))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=PING_SECONDS)
+            if not done:
+                yield None
+                continue
+            try:
+                out = pending.result()
+            except StopAsyncIteration:
+                return
+            yield out
+            pending = asyncio.ensure_future(anext(it))
+    finally:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+        await it.aclose()

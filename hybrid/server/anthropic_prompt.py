@@ -1,0 +1,153 @@
+"""An Anthropic Messages request as the chat template reads a conversation: OpenAI-style messages
+(tool results as `tool` messages, assistant reasoning in `reasoning_content`), function tools, and
+the thinking switches; checked on the way, each fault a 400 naming its field.
+
+Thinking is on for `enabled` and `adaptive`, off otherwise and whenever the reply is constrained
+(tool_choice forcing a call, or `output_config.format` asking for JSON).
+Earlier turns' reasoning reaches the prompt only with `preserve` (as the chat template decides) and
+only when its signature verifies. Images and non-text documents become a short placeholder: the
+model reads text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from hybrid.server.anthropic_schema import (CountTokensRequest, DocumentBlock, ImageBlock, MessagesRequest,
+                                            RedactedThinkingBlock, TextBlock, ThinkingBlock, ToolResultBlock,
+                                            ToolUseBlock)
+from hybrid.server.errors import APIError
+from hybrid.server.thinking_signature import ThinkingSigner
+
+IMAGE_PLACEHOLDER = "[image not shown: this model reads text only]"
+DOCUMENT_PLACEHOLDER = "[document not shown: this model reads text only]"
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    tools: list[dict]  # declared to the model (none with tool_choice none)
+    thinking: bool
+    preserve: bool
+    forced: dict[str, dict] = field(default_factory=dict)  # tools a forced call may use: name -> input schema
+    answer_schema: dict | None = None  # the JSON schema a structured answer must satisfy
+
+
+def read_conversation(body: CountTokensRequest, signer: ThinkingSigner) -> Conversation:
+    client_tools = [t for t in body.tools or [] if t.is_client_tool]
+    for i, tool in enumerate(body.tools or []):
+        if tool.is_client_tool:
+            _check_schema(tool.input_schema, f"tools.{i}.input_schema")
+    choice = body.tool_choice.type if body.tool_choice else "auto"
+    schemas = {t.name: t.input_schema for t in client_tools}
+    forced = {}
+    if choice == "any":
+        if not schemas:
+            raise APIError(400, "tool_choice any needs at least one tool", param="tool_choice")
+        forced = schemas
+    elif choice == "tool":
+        name = body.tool_choice.name
+        if name not in schemas:
+            raise APIError(400, f"tool_choice names the tool {name!r}, which is not in tools", param="tool_choice.name")
+        forced = {name: schemas[name]}
+    thinking = body.thinking is not None and body.thinking.type != "disabled"
+    if isinstance(body, MessagesRequest) and body.thinking is not None and body.thinking.type == "enabled":
+        budget = body.thinking.budget_tokens
+        if budget is None:
+            raise APIError(400, "thinking.budget_tokens is required when thinking is enabled",
+                           param="thinking.budget_tokens")
+        if budget >= body.max_tokens:
+            raise APIError(400, f"thinking.budget_tokens ({budget}) must be less than max_tokens ({body.max_tokens})",
+                           param="thinking.budget_tokens")
+    tools = [] if choice == "none" else [
+        {"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                          "parameters": t.input_schema}} for t in client_tools]
+    system = "\n".join(b.text for b in body.system or [])
+    messages = ([{"role": "system", "content": system}] if body.system else []) + _messages(body, signer)
+    fmt = body.output_config.format if body.output_config else None
+    answer_schema = fmt.schema_ if fmt else None
+    return Conversation(messages, tools, thinking and not forced and answer_schema is None,
+                        bool(body.thinking and body.thinking.preserve), forced, answer_schema)
+
+
+def _messages(body: CountTokensRequest, signer: ThinkingSigner) -> list[dict]:
+    out: list[dict] = []
+    called: set[str] = set()
+    for i, message in enumerate(body.messages):
+        if message.role == "assistant":
+            text, reasoning, calls = [], [], []
+            for block in message.content:
+                if isinstance(block, ThinkingBlock):
+                    if signer.verify(block.thinking, block.signature):
+                        reasoning.append(block.thinking)
+                elif isinstance(block, ToolUseBlock):
+                    called.add(block.id)
+                    calls.append({"id": block.id, "type": "function", "function": {
+                        "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
+                elif not isinstance(block, RedactedThinkingBlock):
+                    text.append(_text(block))
+            m = {"role": "assistant", "content": "\n".join(text)}
+            if reasoning:
+                m["reasoning_content"] = "\n".join(reasoning)
+            if calls:
+                m["tool_calls"] = calls
+            out.append(m)
+            continue
+        text = []
+        for j, block in enumerate(message.content):
+            if isinstance(block, ToolResultBlock):
+                if block.tool_use_id not in called:
+                    raise APIError(400, f"tool_result block's tool_use_id {block.tool_use_id!r} matches no earlier "
+                                        "tool_use block", param=f"messages.{i}.content.{j}.tool_use_id")
+                if text:  # text before a tool result stays before it
+                    out.append({"role": "user", "content": "\n".join(text)})
+                    text = []
+                content = "\n".join(_text(b) for b in block.content)
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                            "content": f"Error: {content}" if block.is_error else content})
+            elif isinstance(block, (ToolUseBlock, ThinkingBlock, RedactedThinkingBlock)):
+                raise APIError(400, f"a user message cannot hold a {block.type} block",
+                               param=f"messages.{i}.content.{j}.type")
+            else:
+                text.append(_text(block))
+        if text or not message.content:
+            out.append({"role": "user", "content": "\n".join(text)})
+    return out
+
+
+def _text(block: TextBlock | ImageBlock | DocumentBlock) -> str:
+    if isinstance(block, TextBlock):
+        return block.text
+    if isinstance(block, DocumentBlock):
+        if block.source.get("type") == "text":
+            return str(block.source.get("data", ""))
+        return DOCUMENT_PLACEHOLDER
+    return IMAGE_PLACEHOLDER
+
+
+def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
+    if schema is None:
+        raise APIError(400, f"{param}: a tool needs an input_schema", param=param)
+    error = _schema_error(json.dumps(schema, sort_keys=True))
+    if error:
+        raise APIError(400, f"{param}: {error}", param=param)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_error(schema_json: str) -> str | None:
+    """Why a tool's input schema is not a valid JSON Schema of an object (cached: agents send the same
+    tools every turn)."""
+    schema = json.loads(schema_json)
+    if schema.get("type") != "object":
+        return "input_schema must have type \"object\""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        path = "".join(f"[{p!r}]" for p in e.absolute_path)
+        return f"not a valid JSON Schema{' at ' + path if path else ''}: {e.message}"
+    return None

@@ -1,0 +1,112 @@
+"""What every API's handlers share: the engine thread, the tokenizer, the served name, metrics;
+rendering a conversation into prompt ids, and running a request with its metrics recorded."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from hybrid.api import load_model
+from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, RequestOutput, SamplingParams
+from hybrid.server.errors import APIError
+from hybrid.server.metrics import Metrics
+from hybrid.tokenizer import Tokenizer
+
+
+@dataclass
+class Serving:
+    engine: EngineThread
+    tokenizer: Tokenizer
+    model_name: str
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def load(cls, folder: str | Path, profile=None, model_name: str | None = None,
+             dtype: torch.dtype = torch.bfloat16, config: EngineConfig | None = None, progress=None) -> "Serving":
+        """Load a checkpoint folder and start its engine thread. `profile`: a placement Profile
+        (or its path), which also sizes the KV cache; `model_name` defaults to the folder's name;
+        `progress(done, total)` follows the loading."""
+        folder = Path(folder)
+        if isinstance(profile, (str, Path)):
+            from placement.profile import Profile
+            profile = Profile.load(profile, model=folder)
+        if config is None and profile is not None:
+            config = EngineConfig.from_profile(profile)
+        tokenizer = Tokenizer.from_pretrained(folder)
+        engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)
+        return cls(EngineThread(engine).start(), tokenizer, model_name or folder.name)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None, thinking: bool = True,
+                    preserve_thinking: bool = False) -> list[int]:
+        """Prompt ids of OpenAI-style message dicts (assistant reasoning in `reasoning_content` or
+        `reasoning`, client tool-call ids of any form)."""
+        messages = [{**m, "role": "system" if m["role"] == "developer" else m["role"],
+                     "reasoning_content": m.get("reasoning_content") or m.get("reasoning")} for m in messages]
+        return self.tokenizer.apply_chat_template(kimi_tool_ids(messages), tools or None, thinking=thinking,
+                                                  preserve_thinking=preserve_thinking)
+
+    def check_prompt(self, prompt_ids: list[int], param: str = "messages") -> None:
+        """A prompt that cannot fit is the client's error (400), found before any response starts."""
+        try:
+            self.engine.engine.check_prompt(len(prompt_ids))
+        except PromptTooLong as e:
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       arrival: float | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; latency and token counts go to the metrics. An engine failure
+        is raised as a 500 APIError."""
+        start = arrival or time.monotonic()
+        last = None
+        reason = "abort"
+        m = self.metrics
+        try:
+            async for out in self.engine.generate(prompt_ids, params):
+                now = time.monotonic()
+                if out.token_ids:
+                    (m.ttft if last is None else m.itl).observe(now - (last or start))
+                    last = now
+                    m.generation_tokens += len(out.token_ids)
+                if out.finished:
+                    reason = out.finish_reason
+                    m.prompt_tokens += out.num_prompt_tokens
+                    m.cached_tokens += out.num_cached_tokens
+                    if reason == "error":
+                        raise APIError(500, out.error or "the engine failed")
+                yield out
+        finally:
+            m.requests[reason] += 1
+
+
+def kimi_tool_ids(messages: list[dict]) -> list[dict]:
+    """Tool-call ids rewritten to Kimi's `functions.{name}:{idx}` (idx counting calls over the
+    conversation, as the model was trained), tool results' references with them: clients send ids
+    of their own (`call_...`, `toolu_...`)."""
+    renamed: dict[str, str] = {}
+    out, n = [], 0
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                new = f"functions.{call['function']['name']}:{n}"
+                n += 1
+                if call.get("id"):
+                    renamed[call["id"]] = new
+                calls.append({**call, "id": new})
+            m = {**m, "tool_calls": calls}
+        if m["role"] == "tool" and m.get("tool_call_id") in renamed:
+            m = {**m, "tool_call_id": renamed[m["tool_call_id"]]}
+        out.append(m)
+    return out

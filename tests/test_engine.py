@@ -1,0 +1,187 @@
+"""The engine on the tiny model: batching gives each request what it gets alone, prompts are
+chunked, the prefix cache is shared and evicted, pages come back, sampling honours its parameters."""
+
+import asyncio
+
+import pytest
+import torch
+
+from hybrid.api import load_model
+from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, SamplingParams
+from hybrid.engine.page_manager import PageManager
+from hybrid.engine.sampler import sample
+from hybrid.engine.sequence import Sequence
+from hybrid.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load_model(tiny_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return Tokenizer.from_pretrained(tiny_dir)
+
+
+def prompts(n: int, seed: int = 0, low: int = 3, high: int = 90) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=g).tolist()
+    return [torch.randint(0, 1000, (k,), generator=g).tolist() for k in lengths]
+
+
+def test_batched_greedy_matches_each_request_alone(model):
+    """Chunked prefill (16-token budget) next to decoding, many sequences per step: the same tokens
+    as the cache-free reference decoding each prompt by itself."""
+    engine = Engine(model, config=EngineConfig(max_batch_tokens=16))
+    batch = prompts(10)
+    out = engine.generate(batch, GREEDY)
+    assert out == [model.generate(p, 12, stop_ids=engine.stop_ids) for p in batch]
+    assert engine.pages.num_used == 0
+
+
+def test_steps_mix_decode_tokens_and_a_prompt_chunk(model):
+    engine = Engine(model, config=EngineConfig(max_batch_tokens=32))
+    engine.add_request(prompts(1)[0][:5], GREEDY)
+    engine.step()  # the short prompt is prefilled and samples its first token
+    engine.add_request(list(range(100)), GREEDY)
+    scheduled = engine.scheduler.schedule()
+    assert [n for _, n in scheduled] == [1, 31]  # one decode token, then a chunk of the long prompt
+
+
+def test_preemption_under_a_small_cache_keeps_greedy_outputs(model):
+    """Eight pages of 4 slots for 4 requests of up to 20 tokens: decoding runs out of pages,
+    the newest sequences are preempted and resumed, and every request still completes exactly."""
+    engine = Engine(model, config=EngineConfig(page_size=4, kv_cache_tokens=32))
+    batch = prompts(4, seed=1, low=6, high=9)
+    out = engine.generate(batch, GREEDY)
+    assert out == [model.generate(p, 12, stop_ids=engine.stop_ids) for p in batch]
+    assert engine.pages.num_used == 0
+
+
+def test_prefix_cache_shares_full_pages_of_a_second_turn(model):
+    engine = Engine(model, config=EngineConfig(page_size=8))
+    first = prompts(1, seed=2, low=40, high=41)[0]
+    reply = engine.generate([first], GREEDY)[0]
+    second = first + reply + [7, 8, 9]
+    rid = engine.add_request(second, GREEDY)
+    seq = engine.requests[rid]
+    engine.step()
+    hit = (len(first) + len(reply) - 1) // 8 * 8  # the last token of the first turn is not in the cache
+    assert seq.num_cached_tokens == hit > 0
+    while engine:
+        engine.step()
+    assert seq.output_ids == model.generate(second, 12, stop_ids=engine.stop_ids)
+
+
+def test_page_manager_shares_prefix_pages_and_evicts_the_deepest_first():
+    pm = PageManager(num_pages=4, page_size=2)
+
+    def run(tokens):
+        seq = Sequence("r", tokens, GREEDY, 1)
+        pm.allocate(seq)
+        seq.num_computed = len(tokens)
+        pm.publish(seq)
+        return seq
+
+    a = run([1, 2, 3, 4, 5])  # pages [1 2] [3 4] [5]: the two full ones are keyed
+    first_pages = a.pages[:2]
+    assert pm.num_used == 3 and len(pm.cached) == 2
+    pm.release(a)
+    assert pm.num_used == 0 and len(pm.evictable) == 2 and pm.num_free == 4
+    b = run([1, 2, 3, 4, 9])
+    assert b.pages[:2] == first_pages and len(pm.evictable) == 0
+    pm.release(b)
+    run([7, 7, 8, 8, 6])  # three pages: the two empty ones, then the cached [3 4] is evicted, not [1 2]
+    assert [page for _, page in pm.prefix_hits(Sequence("q", [1, 2, 3, 4, 5], GREEDY, 1))] == first_pages[:1]
+
+
+def test_stop_strings_and_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    prompt = prompts(1, seed=3)[0]
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
+    text = tokenizer.decode(free)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop]))
+    got, reason = "", None
+    while engine:
+        for o in engine.step():
+            got += o.text
+            reason = o.finish_reason
+    assert reason == "stop" and got == text[:text.index(stop)]
+    by_token = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free[3]]))[0]
+    assert by_token == free[:free.index(free[3]) + 1]
+
+
+def test_prompt_too_long_is_refused_up_front(model):
+    engine = Engine(model, config=EngineConfig(kv_cache_tokens=64))
+    with pytest.raises(PromptTooLong, match="64 tokens"):
+        engine.add_request(list(range(64)), GREEDY)
+    rid = engine.add_request(list(range(40)), SamplingParams(temperature=0))  # max_tokens: what fits
+    assert engine.requests[rid].max_tokens == 24
+
+
+def test_abort_frees_pages_at_once(model):
+    engine = Engine(model)
+    rid = engine.add_request(list(range(50)), SamplingParams(temperature=0, max_tokens=100))
+    engine.step()
+    assert engine.pages.num_used > 0
+    assert engine.abort(rid).finish_reason == "abort"
+    assert engine.pages.num_used == 0 and not engine
+
+
+def test_engine_thread_serves_asyncio_and_aborts_a_consumer_that_leaves(model):
+    thread = EngineThread(Engine(model)).start()
+
+    async def main():
+        full = [o.token_ids async for o in thread.generate(list(range(20)), GREEDY)]
+        agen = thread.generate(list(range(30)), SamplingParams(temperature=0, max_tokens=1000))
+        await agen.__anext__()
+        await agen.aclose()  # what a client disconnect does
+        return full
+
+    full = asyncio.run(main())
+    assert sum(full, []) == model.generate(list(range(20)), 12, stop_ids=thread.engine.stop_ids)
+    thread.stop()  # drains the abort first
+    assert thread.engine.pages.num_used == 0 and not thread.engine
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    logits = torch.randn(3, 500)
+    params = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.7, top_p=0.9, seed=6),
+              SamplingParams(temperature=0)]
+
+    def draw(rows):
+        gens = [torch.Generator().manual_seed(params[i].seed) if params[i].seed else None for i in rows]
+        return sample(logits[rows].clone(), [params[i] for i in rows], [[] for _ in rows], gens)
+
+    together = draw([0, 1, 2])
+    assert together == [draw([0])[0], draw([1])[0], draw([2])[0]]
+    assert together[2] == int(logits[2].argmax())
+
+
+def test_filters_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
+    draws = lambda **kw: set(sample(logits.clone(), [SamplingParams(**kw)] * 200, [[]] * 200, [None] * 200))
+    assert draws(temperature=1, top_k=2) <= {0, 1}
+    assert draws(temperature=1, top_p=0.5) == {0}  # token 0 alone holds 64% of the mass
+    assert draws(temperature=1, min_p=0.3) <= {0, 1}  # p1/p0 = e^-1 > 0.3 > e^-2
+    assert len(draws(temperature=1)) >= 4
+
+
+def test_penalties_push_repeated_tokens_down():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    assert sample(logits.clone(), [SamplingParams(temperature=0, frequency_penalty=0.05)], [[0, 0, 0]], [None]) == [1]
+    assert sample(logits.clone(), [SamplingParams(temperature=0, presence_penalty=0.2)], [[0]], [None]) == [1]
+    assert sample(logits.clone(), [SamplingParams(temperature=0, presence_penalty=0.2)], [[1]], [None]) == [0]
+
+
+def test_logits_processor_hook_constrains_the_choice():
+    force = lambda ids, row: torch.full_like(row, float("-inf")).index_fill_(0, torch.tensor([2]), 0.0)
+    logits = torch.randn(2, 10)
+    p = [SamplingParams(temperature=1.0, logits_processors=[force]), SamplingParams(temperature=0)]
+    assert sample(logits.clone(), p, [[], []], [None, None]) == [2, int(logits[1].argmax())]

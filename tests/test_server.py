@@ -1,0 +1,262 @@
+"""The real server (uvicorn on a free loopback port, tiny model) through the official openai SDK
+and raw HTTP: chat and completions, streaming, tools, reasoning, usage, concurrency, cancellation,
+the prefix cache, and every kind of bad request."""
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from hybrid.engine import EngineConfig
+from hybrid.server import openai_api
+from hybrid.server.app import create_app
+from hybrid.server.server_thread import ServerThread
+from hybrid.server.serving import Serving
+from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_CALL_BEGIN, TOOL_CALL_END,
+                                       TOOL_CALLS_BEGIN, TOOL_CALLS_END)
+
+KEY = "test-key"
+KV_TOKENS = 4096
+HI = [{"role": "user", "content": "Hello! What is the weather in Paris?"}]
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def serving(tiny_dir):
+    return Serving.load(tiny_dir, dtype=torch.float32, config=EngineConfig(kv_cache_tokens=KV_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def server(serving):
+    with ServerThread(create_app(serving, api_key=KEY, max_body_bytes=1 << 20)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def script(monkeypatch, serving):
+    """Make the model write a given reply: a logits processor per request forces each token."""
+    def use(ids: list[int]):
+        def force(generated, row):
+            return torch.full_like(row, float("-inf")).index_fill_(0, torch.tensor([ids[len(generated)]]), 0.0)
+        sampling = openai_api._sampling
+        monkeypatch.setattr(openai_api, "_sampling", lambda body, max_tokens: [
+            p.__class__(**{**p.__dict__, "logits_processors": [force]}) for p in sampling(body, max_tokens)])
+    return use
+
+
+def ids_of(serving, *parts: str) -> list[int]:
+    """Special-token names as their ids, other text encoded."""
+    tok = serving.tokenizer
+    return [i for p in parts for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return float(re.search(rf"^hybrid_{name} (\S+)$", text, re.M).group(1))
+
+
+def test_models_and_health(client, server):
+    [card] = client.models.list().data
+    assert (card.id, card.object, card.owned_by) == ("tiny", "model", "hybrid") and card.created > 0
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
+
+
+def test_api_key_guards_every_endpoint_but_health(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=HI)
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_plain_and_streamed_agree_with_the_tokenizer_counts(client, serving, thinking):
+    kw = dict(model="tiny", messages=HI, max_tokens=16, temperature=0,
+              extra_body={"thinking": {"type": "enabled" if thinking else "disabled"}})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    msg = full.choices[0].message
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    text = "".join(d.content or "" for d in deltas)
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert (text, reasoning) == (msg.content or "", getattr(msg, "reasoning_content", None) or "")
+    assert (reasoning != "") == thinking
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (
+        full.usage.prompt_tokens, full.usage.completion_tokens)
+    assert usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again
+    prompt = serving.tokenizer.apply_chat_template(HI, thinking=thinking)
+    assert full.usage.prompt_tokens == len(prompt)
+    assert full.usage.completion_tokens == 16 or full.choices[0].finish_reason == "stop"
+
+
+def test_usage_counts_the_scripted_reply_and_its_reasoning(client, serving, script):
+    reply = ids_of(serving, "Let me think.", THINK_END, "Sunny.", IM_END)
+    script(reply)
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=50)
+    msg = r.choices[0].message
+    assert (msg.reasoning_content, msg.reasoning, msg.content) == ("Let me think.", "Let me think.", "Sunny.")
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(reply)
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(ids_of(serving, "Let me think.", THINK_END))
+    assert r.usage.prompt_tokens == len(serving.tokenizer.apply_chat_template(HI))
+
+
+def test_streamed_tool_calls(client, serving, script):
+    script(ids_of(serving, THINK_END, TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, "functions.get_weather:0", TOOL_CALL_ARGS,
+                  '{"city": "Paris"}', TOOL_CALL_END, TOOL_CALLS_END, IM_END))
+    chunks = list(client.chat.completions.create(model="tiny", messages=HI, tools=WEATHER, stream=True,
+                                                 max_tokens=50))
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    first = calls[0][0]
+    assert (first.index, first.id[:5], first.type, first.function.name) == (0, "call_", "function", "get_weather")
+    assert "".join(c[0].function.arguments or "" for c in calls) == '{"city": "Paris"}'
+    assert all(c[0].index == 0 and c[0].id is None for c in calls[1:])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    full = client.chat.completions.create(model="tiny", messages=HI, tools=WEATHER, tool_choice="auto", max_tokens=50)
+    [call] = full.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"} and full.choices[0].finish_reason == "tool_calls"
+    assert call.id == first.id  # the same conversation, the same id
+
+
+def test_tool_history_with_client_ids_is_accepted(client):
+    history = HI + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "18C, sunny"}]
+    r = client.chat.completions.create(model="tiny", messages=history, tools=WEATHER, max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_n_choices_with_a_seed_are_reproducible(client):
+    kw = dict(model="tiny", messages=HI, max_tokens=12, temperature=1.0, n=3, seed=1234)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    texts = lambda r: [(c.index, c.message.reasoning_content, c.message.content) for c in r.choices]
+    assert texts(a) == texts(b) and [c.index for c in a.choices] == [0, 1, 2]
+    assert len({t[1] for t in texts(a)}) > 1  # the choices differ from each other
+
+
+def test_completions_plain_streamed_and_echo(client, serving):
+    r = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == len(serving.tokenizer.encode("The capital of France is"))
+    streamed = list(client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8,
+                                              temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    echo = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, echo=True)
+    assert len(echo.choices) == 2 and echo.choices[0].text.startswith(serving.tokenizer.decode([5, 6, 7]))
+
+
+def test_32_concurrent_streams_get_what_they_get_alone(server):
+    prompts = [[{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}] for i in range(32)]
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+        async def one(messages):
+            stream = await aclient.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True,
+                extra_body={"thinking": {"type": "disabled"}})
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        start = time.monotonic()
+        together = await asyncio.gather(*(one(m) for m in prompts))
+        took = time.monotonic() - start
+        alone = [await one(m) for m in prompts]
+        return together, alone, took
+
+    together, alone, took = asyncio.run(main())
+    assert together == alone
+    assert took < 30
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_pages(client, server, serving, script):
+    script(ids_of(serving, "a") * 2000)  # a reply that would not end by itself
+    before, aborted = metric(server, "kv_pages_used"), serving.metrics.requests["abort"]
+    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2000, stream=True)
+    for _ in zip(range(5), stream):
+        pass
+    assert metric(server, "kv_pages_used") > before
+    stream.close()
+    deadline = time.monotonic() + 10
+    while metric(server, "kv_pages_used") != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(server, "kv_pages_used") == before
+    assert serving.metrics.requests["abort"] == aborted + 1
+
+
+def test_prompt_longer_than_the_cache_is_a_400_and_the_server_keeps_serving(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * KV_TOKENS}])
+    assert e.value.status_code == 400 and "context holds" in e.value.message
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=[1] * KV_TOKENS)
+    assert client.chat.completions.create(model="tiny", messages=HI, max_tokens=2).choices
+
+
+def test_second_turn_is_served_from_the_prefix_cache(client, server):
+    question = [{"role": "user", "content": "Tell me a long story about a dragon and a knight. " * 4}]
+    first = client.chat.completions.create(model="tiny", messages=question, max_tokens=8, temperature=0)
+    hits = metric(server, "prefix_cache_hit_tokens_total")
+    turn2 = question + [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                        {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny", messages=turn2, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 16 and cached > 0
+    assert metric(server, "prefix_cache_hit_tokens_total") == hits + cached
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b'{"model": "tiny", "messages": [', 400, None),
+    (b'[1, 2]', 400, None),
+    ({"model": "tiny", "messages": "hello"}, 400, "messages"),
+    ({"model": "tiny", "messages": HI, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "tiny"}, 400, "messages"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "gpt-9", "messages": HI}, 404, "model"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, None),
+])
+def test_bad_requests_get_openai_errors(server, client, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=content,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert client.models.list().data  # still serving
+
+
+def test_unknown_route_is_a_404_in_the_same_shape(server):
+    r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_metrics_exposes_the_serving_figures(server, client):
+    client.chat.completions.create(model="tiny", messages=HI, max_tokens=3)
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "prefix_cache_hit_tokens_total",
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count", "kv_pages_used",
+                 "kv_pages_total", "forward_seconds_total", "expert_wait_seconds_total"):
+        assert f"hybrid_{name}" in text
+    assert metric(server, "kv_pages_total") == KV_TOKENS // 16
+    assert metric(server, "expert_wait_seconds_total") > 0 and metric(server, "forward_seconds_total") > 0
