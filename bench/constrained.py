@@ -3,9 +3,11 @@
 Decodes the same prompt twice on the engine (batch of one, greedy): free, and as a forced tool call
 whose arguments must satisfy a Claude-Code-sized JSON schema (llguidance, with the closing-cost
 walk that guarantees the call finishes within max_tokens). Reports ms/token of both decode loops
-and the grammar processor's own time per token. Target: the processor's time at most 10% of the
-free decode step. With --engines, also the mask time per token of llguidance and xgrammar (if
-installed) on this vocabulary, for the same grammar, over random walks through it.
+and the grammar processor's own time per token, there (max_tokens near the shortest valid call,
+so every step checks its candidates) and far from max_tokens (random logits, no model). Target:
+the processor's time at most 10% of the free decode step. With --engines, also the mask time per
+token of llguidance and xgrammar (if installed) on this vocabulary, for the same grammar, over
+random walks through it.
 
     python bench/constrained.py [--preset mini] [--model DIR] [--tokens 96] [--engines]
 """
@@ -81,14 +83,12 @@ def decode(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[l
 
 def processor_far_from_the_end(tokenizer: Tokenizer, grammar: str, steps: int) -> float:
     """ms per token of the processor alone, with random logits and a budget it never nears."""
-    processor = GrammarProcessor(tokenizer, grammar, 1 << 30)
+    timed = Timed(GrammarProcessor(tokenizer, grammar, 1 << 30))
     gen = torch.Generator().manual_seed(0)
     out: list[int] = []
-    start = time.perf_counter()
     while len(out) < steps and (not out or out[-1] not in tokenizer.eos_ids):
-        logits = processor(out, torch.randn(tokenizer.vocab_size, generator=gen))
-        out.append(int(logits.argmax()))
-    return 1e3 * (time.perf_counter() - start) / len(out)
+        out.append(int(timed(out, torch.randn(tokenizer.vocab_size, generator=gen)).argmax()))
+    return 1e3 * timed.seconds / timed.calls
 
 
 def engine_masks(tokenizer: Tokenizer, grammar: str, schema: dict, walks: int = 5, steps: int = 200) -> dict:

@@ -82,7 +82,7 @@ def serve(
                                 help="Require this key (Bearer or x-api-key) on every endpoint but /health."),
     served_model_name: str = typer.Option(None, help="The model id clients send (default: the folder's name)."),
 ):
-    """Serve a model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve a model over OpenAI's and Anthropic's HTTP APIs (/v1/chat/completions, /v1/messages, ...)."""
     import uvicorn
     from rich.console import Console
 

@@ -2,6 +2,7 @@
 chunked, the prefix cache is shared and evicted, pages come back, sampling honours its parameters."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hybrid.engine.page_manager import PageManager
 from hybrid.engine.sampler import sample
 from hybrid.engine.sequence import Sequence
 from hybrid.tokenizer import Tokenizer
+from placement.profile import Profile
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
@@ -113,6 +115,15 @@ def test_stop_strings_and_tokens(model, tokenizer):
     assert reason == "stop" and got == text[:text.index(stop)]
     by_token = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free[3]]))[0]
     assert by_token == free[:free.index(free[3]) + 1]
+
+
+def test_a_profile_sizes_the_cache_the_context_and_the_chunks(model, tiny_dir):
+    profile = Profile.load(Path(__file__).parents[1] / "profiles/tiny_cpu_2core.yaml", model=tiny_dir)
+    engine = Engine(model, config=EngineConfig.from_profile(profile))
+    kv = profile.kv_cache
+    assert (engine.pages.num_pages, engine.pages.page_size) == (kv.max_pages, kv.page_size)
+    assert engine.max_model_len == kv.context_length
+    assert engine.scheduler.max_batch_tokens == profile.prefill.chunk_tokens
 
 
 def test_prompt_too_long_is_refused_up_front(model):

@@ -37,7 +37,7 @@ def tool_call_grammar(tools: dict[str, dict[str, Any]], index: int) -> str:
 
 def json_grammar(schema: dict[str, Any] | None) -> str:
     """One JSON value valid against `schema`; any JSON object without one."""
-    return f"start: %json {_json_options(schema or {'type': 'object'})}"
+    return f"start: %json {_json_options({'type': 'object'} if schema is None else schema)}"
 
 
 def _json_options(schema: dict[str, Any]) -> str:

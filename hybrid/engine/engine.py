@@ -45,11 +45,11 @@ class Engine:
 
     def check_prompt(self, num_tokens: int) -> None:
         """Raise PromptTooLong unless a prompt of num_tokens leaves room for one generated token."""
+        if num_tokens == 0:
+            raise ValueError("the prompt is empty")
         if num_tokens + 1 > self.max_model_len:
             raise PromptTooLong(f"the prompt has {num_tokens} tokens; this server's context holds "
                                 f"{self.max_model_len} tokens, and at least one must be left to generate")
-        if num_tokens == 0:
-            raise ValueError("the prompt is empty")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         self.check_prompt(len(prompt_ids))

@@ -88,6 +88,7 @@ class EngineThread:
                     self._send(out)
 
     def _handle(self, command) -> None:
+        """A queued command: a request id (abort it) or (id, prompt ids, params, sink) (add it)."""
         if isinstance(command, str):
             out = self.engine.abort(command)
             if out is not None:
@@ -102,7 +103,9 @@ class EngineThread:
         self._sinks[request_id] = sink
 
     def _send(self, out: RequestOutput) -> None:
-        sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+        if sink is None:
+            return
         try:
             sink(out)
         except RuntimeError:  # the caller's event loop is gone

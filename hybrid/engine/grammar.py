@@ -67,14 +67,6 @@ def grammar_vocab(tokenizer: Tokenizer) -> GrammarVocab:
     return GrammarVocab(ll, {p[0]: i for i, p in enumerate(pieces) if len(p) == 1 and i not in names})
 
 
-def check_grammar(tokenizer: Tokenizer, grammar: str) -> None:
-    """Raise GrammarError unless the Lark grammar compiles."""
-    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(grammar),
-                                                  grammar_vocab(tokenizer).ll)
-    if error:
-        raise GrammarError(error)
-
-
 class GrammarProcessor:
     """A LogitsProcessor (see SamplingParams) for one sequence: `max_tokens` is the sequence's whole
     budget of generated tokens, its stop token included."""

@@ -3,7 +3,8 @@ tensor ops over the batch.
 
 Sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws exactly from
 `probs`; each seeded sequence draws its noise from its own generator, so its tokens do not depend
-on what else shares the batch.
+on what else shares the batch. The math runs where the logits are; the noise is drawn on the CPU
+(where the generators live), so a seed gives the same tokens on any device.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], outputs: list[lis
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         probs = _probs(logits[rows], [params[i] for i in rows])
-        noise = torch.stack([_exponential(probs.shape[1], generators[i]) for i in rows])
-        tokens[rows] = (probs / noise).argmax(-1)
+        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=generators[i]) for i in rows])
+        tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
     return tokens.tolist()
 
 
@@ -34,32 +35,31 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs:
     rows = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and outputs[i]]
     if not rows:
         return
-    counts = torch.zeros(len(rows), logits.shape[1])
+    device = logits.device
+    counts = torch.zeros(len(rows), logits.shape[1], device=device)
     for j, i in enumerate(rows):
-        counts[j].index_add_(0, torch.tensor(outputs[i]), torch.ones(len(outputs[i])))
-    presence = torch.tensor([params[i].presence_penalty for i in rows])[:, None]
-    frequency = torch.tensor([params[i].frequency_penalty for i in rows])[:, None]
+        counts[j].index_add_(0, torch.tensor(outputs[i], device=device), torch.ones(len(outputs[i]), device=device))
+    presence = torch.tensor([params[i].presence_penalty for i in rows], device=device)[:, None]
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device)[:, None]
     logits[rows] -= frequency * counts + presence * (counts > 0)
 
 
 def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering: [B, vocab] probabilities."""
-    logits = logits / torch.tensor([p.temperature for p in params])[:, None]
-    top_k = torch.tensor([p.top_k for p in params])
-    top_p = torch.tensor([p.top_p for p in params])
+    device = logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
     if (top_k > 0).any() or (top_p < 1).any():
         ranked, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[1])[None, :]
+        rank = torch.arange(logits.shape[1], device=device)[None, :]
         drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
         sorted_probs = ranked.masked_fill(drop, float("-inf")).softmax(-1)
         drop |= sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]  # keep while the mass before < top_p
         logits = logits.scatter(1, order, ranked.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
     if (min_p > 0).any():
         probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
     return probs
 
-
-def _exponential(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.empty(n).exponential_(generator=generator)

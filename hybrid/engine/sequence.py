@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -33,7 +32,6 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: TextStream | None = None  # with a tokenizer: the text so far, cut at stop strings
-    arrival_time: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)

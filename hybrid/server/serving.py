@@ -15,6 +15,7 @@ from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, Req
 from hybrid.server.errors import APIError
 from hybrid.server.metrics import Metrics
 from hybrid.tokenizer import Tokenizer
+from placement.profile import Profile
 
 
 @dataclass
@@ -33,9 +34,8 @@ class Serving:
         `progress(done, total)` follows the loading."""
         folder = Path(folder)
         if isinstance(profile, (str, Path)):
-            from placement.profile import Profile
             profile = Profile.load(profile, model=folder)
-        if config is None and profile is not None:
+        if config is None and isinstance(profile, Profile):
             config = EngineConfig.from_profile(profile)
         tokenizer = Tokenizer.from_pretrained(folder)
         engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)

@@ -1,0 +1,54 @@
+"""The runtime follows the profile it is given, and refuses one it cannot follow with the same
+messages `hybrid profile validate` prints."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hybrid.api import load_model
+from placement.profile import Profile, ProfileError
+
+TINY_PROFILE = Path(__file__).parent.parent / "profiles" / "tiny_cpu_2core.yaml"
+
+
+def test_tiny_model_follows_its_shipped_profile(tiny_dir):
+    profile = Profile.load(TINY_PROFILE, model=tiny_dir)
+    model = load_model(tiny_dir, TINY_PROFILE)
+    m = model.model
+    assert str(m.model.embed_tokens.weight.device) == profile.device_of("embed")
+    assert str(m.lm_head.weight.device) == profile.device_of("lm_head")
+    for i, layer in enumerate(m.model.layers):
+        assert str(layer.device) == profile.device_of("attention", i)
+        if i in model.config.moe_layers:
+            experts = layer.mlp.experts
+            assert str(experts.device) == profile.device_of("router", i)
+            assert experts.hot is None and profile.gpu_experts_of(i) == []
+            assert experts.defer == profile.decode.defer_experts
+            assert experts.stream_threshold == profile.prefill.stream_threshold_tokens
+            cpu = experts.cpu
+            assert cpu.name in (profile.cpu.backend, "torch")  # torch only where kt-kernel cannot run
+            if cpu.name == "kt":
+                assert cpu.method == profile.cpu.method and cpu.threads == profile.cpu.threads
+    assert model.placement.kv_tokens == profile.kv_cache.max_tokens
+    assert model.logits(torch.arange(8)).shape == (8, model.config.vocab_size)
+
+
+def test_runtime_refuses_an_invalid_profile_with_validate_messages(tiny_dir, tmp_path):
+    data = yaml.safe_load(TINY_PROFILE.read_text())
+    data["cpu"]["threads"] = 999
+    data["gpu_experts"] = {1: [0, 99]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError) as refused:
+        load_model(tiny_dir, bad)
+    with pytest.raises(ProfileError) as validated:
+        Profile.load(bad, model=tiny_dir)
+    assert str(refused.value) == str(validated.value)
+    assert "cpu.threads" in str(refused.value) and "gpu_experts.1" in str(refused.value)
+
+
+def test_runtime_refuses_a_profile_for_another_model(tiny_dir, variant_dir):
+    with pytest.raises(ProfileError, match="model"):
+        load_model(variant_dir("no_q_lora"), TINY_PROFILE)
