@@ -90,3 +90,15 @@ def test_special_token_text_is_plain_text(tok):
         ids = tok.encode(f"say {name} now")
         assert token_id not in ids and all(i < 2048 for i in ids)
         assert tok.decode(ids) == f"say {name} now"
+
+
+def test_detokenizer_drops_meaningless_specials_and_keeps_parser_markers(tok):
+    from hybrid.tokenizer import Detokenizer
+
+    d = Detokenizer(tok)
+    reserved = next(i for name, i in tok.special.items() if name.startswith("<|reserved_token_"))
+    assert d.feed(reserved) == ""
+    assert d.feed(tok.bos_id) == ""
+    assert d.feed(tok.special["<|tool_call_begin|>"]) == "<|tool_call_begin|>"
+    assert d.feed(tok.think_end_id) == "</think>"
+    assert "".join(d.feed(i) for i in tok.encode("héllo")) + d.flush() == "héllo"

@@ -26,9 +26,8 @@ from hybrid.server.anthropic_prompt import Conversation, read_conversation
 from hybrid.server.anthropic_schema import (CountTokensRequest, CountTokensResponse, MessageResponse,
                                             MessagesRequest, Usage)
 from hybrid.server.errors import APIError, register_error_format
-from hybrid.server.openai_api import _until_disconnected
 from hybrid.server.reply import ReplyParser
-from hybrid.server.serving import Serving
+from hybrid.server.serving import Serving, until_disconnected
 from hybrid.server.sse import sse, sse_response
 from hybrid.server.thinking_signature import ThinkingSigner
 from hybrid.server.tool_ids import next_call_index, reply_tool_ids
@@ -118,7 +117,7 @@ async def messages(body: MessagesRequest, request: Request):
         return sse_response(stream())
 
     token_ids: list[int] = []
-    async for out in _until_disconnected(request, outputs):
+    async for out in until_disconnected(request, outputs):
         token_ids += out.token_ids
         blocks.feed(parser.feed(out))
         last = out

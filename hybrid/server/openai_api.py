@@ -19,7 +19,7 @@ from hybrid.server.openai_schema import (AssistantMessage, ChatChoice, ChatCompl
                                          ModelCard, ModelList, NamedToolChoice, PromptTokensDetails, Sampling,
                                          ToolCallOut, Usage)
 from hybrid.server.reply import ReplyEvent, ReplyParser
-from hybrid.server.serving import Serving
+from hybrid.server.serving import Serving, until_disconnected
 from hybrid.server.sse import DONE, sse, sse_response
 from hybrid.server.tool_ids import next_call_index, reply_tool_ids
 from hybrid.tokenizer import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart
@@ -86,7 +86,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     messages = [AssistantMessage() for _ in params]
     last = {}
-    async for i, out in _until_disconnected(request, outputs):
+    async for i, out in until_disconnected(request, outputs):
         for event in parsers[i].feed(out):
             _add(messages[i], event)
         if out.finished:
@@ -140,7 +140,7 @@ async def completions(body: CompletionRequest, request: Request):
         return sse_response(stream())
 
     texts, last = list(echo), {}
-    async for i, out in _until_disconnected(request, outputs):
+    async for i, out in until_disconnected(request, outputs):
         texts[i] += out.text
         if out.finished:
             last[i] = out
@@ -284,14 +284,3 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> Outputs:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _until_disconnected(request: Request, outputs: Outputs) -> Outputs:
-    """Outputs for a non-streamed response; stops (aborting the generation) if the client leaves."""
-    try:
-        async for item in outputs:
-            if await request.is_disconnected():
-                raise APIError(499, "the client closed the connection")
-            yield item
-    finally:
-        await outputs.aclose()

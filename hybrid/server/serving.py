@@ -110,3 +110,14 @@ def kimi_tool_ids(messages: list[dict]) -> list[dict]:
             m = {**m, "tool_call_id": renamed[m["tool_call_id"]]}
         out.append(m)
     return out
+
+
+async def until_disconnected(request, outputs: AsyncIterator) -> AsyncIterator:
+    """Outputs for a non-streamed response; stops (aborting the generation) if the client leaves."""
+    try:
+        async for item in outputs:
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection")
+            yield item
+    finally:
+        await outputs.aclose()

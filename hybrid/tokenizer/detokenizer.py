@@ -1,5 +1,7 @@
 """Ids to text one at a time, for streaming: a character split over several tokens is held back until
-its last byte arrives, so no delta ever carries half of it (or a U+FFFD in its place)."""
+its last byte arrives, so no delta ever carries half of it (or a U+FFFD in its place). Special
+tokens that mean nothing in a reply (reserved ones, [BOS], padding) are dropped; the markers the
+reasoning and tool-call parsers read are kept."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ class Detokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        markers = tokenizer.tool_call_ids | {tokenizer.think_start_id, tokenizer.think_end_id}
+        self._dropped = frozenset(tokenizer.special.values()) - markers
 
     def feed(self, token_id: int) -> str:
+        if token_id in self._dropped:
+            return ""
         return self._utf8.decode(self._tokenizer.token_bytes(token_id))
 
     def flush(self) -> str:
