@@ -182,6 +182,22 @@ def plan(
         typer.echo(f"wrote {out}")
 
 
+@app.command()
+def doctor():
+    """What this machine offers the CPU experts: instruction sets, kt-kernel, cores, NUMA, memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hybrid.experts.cpu import report
+
+    table = Table(title="CPU experts on this machine", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for item, value in report():
+        table.add_row(item, value)
+    Console().print(table)
+
+
 profile_app = typer.Typer(no_args_is_help=True, help="Check placement profiles.")
 app.add_typer(profile_app, name="profile")
 

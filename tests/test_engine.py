@@ -154,9 +154,9 @@ def test_engine_thread_serves_asyncio_and_aborts_a_consumer_that_leaves(model):
         return full
 
     full = asyncio.run(main())
-    assert sum(full, []) == model.generate(list(range(20)), 12, stop_ids=thread.engine.stop_ids)
-    thread.stop()  # drains the abort first
+    thread.stop()  # drains the abort first; the model is the engine thread's until then
     assert thread.engine.pages.num_used == 0 and not thread.engine
+    assert sum(full, []) == model.generate(list(range(20)), 12, stop_ids=thread.engine.stop_ids)
 
 
 # ---- sampling ---------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Weights stay as the checkpoint stores them (INT4 stays packed) and each touched 
 dequantized when it runs, so host memory holds the experts once. This is the reference and the
 fallback; the kt-kernel backend is the fast path. Work runs on one helper thread (torch releases
 the GIL), so `submit` returns at once and overlaps the caller's work.
+
+`PackedInt4Experts` is the same on the CPU for INT4 weights, through torch's CPU int4 matmul
+kernel: the 4-bit values and scales are reordered once into its layout (nothing re-quantized),
+which makes decode ~100x faster than dequantizing the touched experts in every pass.
 """
 
 from __future__ import annotations
@@ -51,19 +55,62 @@ class TorchExperts:
         x = hidden.to(self.dtype)
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
-        order = flat.argsort(stable=True)[int((flat < 0).sum()):]  # -1 slots sort first: drop them
-        counts = torch.bincount(flat[order], minlength=self.weights.num_experts).tolist()
+        order = flat.argsort(stable=True)
+        experts, counts = (t.tolist() for t in torch.unique_consecutive(flat[order], return_counts=True))
+        if experts and experts[0] < 0:  # -1 slots sort first: drop them
+            order, experts, counts = order[counts[0]:], experts[1:], counts[1:]
         token_of = order // k
-        w = topk_weights.reshape(-1)[order].to(self.dtype).unsqueeze(1)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start:start + n]
-            gate, up, down = self.expert(e)
-            xe = x[rows]
-            h = F.silu(xe @ gate.T) * (xe @ up.T)
-            out.index_add_(0, rows, (h @ down.T) * w[start:start + n])
+        xs = x[token_of]  # the pairs' tokens, grouped by expert
+        ys, start = [], 0
+        for e, n in zip(experts, counts):
+            ys.append(self.mlp(e, xs[start:start + n]))
             start += n
+        out = torch.zeros_like(x)
+        if ys:
+            w = topk_weights.reshape(-1)[order].to(self.dtype).unsqueeze(1)
+            out.index_add_(0, token_of, torch.cat(ys) * w)
         return out.to(hidden.dtype)
+
+    def mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [n, H] (`dtype`): down(silu(gate x) * up x)."""
+        gate, up, down = self.expert(e)
+        return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+class PackedInt4Experts(TorchExperts):
+    """INT4 experts on the CPU in the layout of `torch.ops.aten._weight_int4pack_mm_for_cpu`, in
+    bf16 (its only fast activation type): per expert, gate and up stacked into one [2I, H/2]
+    uint8 matrix, down [H, I/2], each with (scale, zero = 0) pairs [in/group, out, 2]. Only the
+    packed copy is kept."""
+
+    def __init__(self, weights: ExpertWeights):
+        assert self.fits(weights), "INT4 weights on the CPU in sizes the kernel takes"
+        super().__init__(None, torch.bfloat16)
+        w, self.group, self.size = weights, weights.group_size, weights.intermediate_size
+        self.packed = [(_pack(torch.cat((w.gate[e], w.up[e])), torch.cat((w.gate_scale[e], w.up_scale[e]))),
+                        _pack(w.down[e], w.down_scale[e])) for e in range(w.num_experts)]
+
+    @staticmethod
+    def fits(weights: ExpertWeights) -> bool:
+        g, h, i = weights.group_size, weights.hidden_size, weights.intermediate_size
+        return (weights.format == "int4" and weights.gate.device.type == "cpu" and g in (32, 64, 128, 256)
+                and h % 64 == 0 and h % g == 0 and i % 32 == 0 and i % g == 0)
+
+    def mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        (gate_up, gate_up_sz), (down, down_sz) = self.packed[e]
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        gate, up = mm(x, gate_up, self.group, gate_up_sz).split(self.size, 1)
+        return mm(F.silu(gate) * up, down, self.group, down_sz)
+
+
+def _pack(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 [N, K/8] (stored values 0..15, low nibble first) + scale [N, K/group] -> the CPU int4
+    kernel's operands. Its layout, per block of 64 rows: byte [k, d] holds row d (low nibble) and
+    row d + 32 (high) of column k."""
+    b = packed.contiguous().view(torch.uint8)
+    values = torch.stack((b & 0xF, b >> 4), -1).flatten(-2)  # [N, K]
+    n, k = values.shape
+    blocks = values.view(n // 64, 2, 32, k)
+    weight = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+    s = scale.T.to(torch.bfloat16)
+    return weight, torch.stack((s, torch.zeros_like(s)), -1).contiguous()
