@@ -6,8 +6,8 @@ in the form the method runs them, per second: in total and per thread) and TFLOP
 bandwidth is measured in the same run with the same thread counts (torch `sum` over 1 GiB, threads
 set by torch.set_num_threads); each T = 1 time is compared with its floor, the bytes of the chosen
 experts over that bandwidth. "All cores" for kt-kernel means its pool on every core but one, and
-the caller's share on that one. A measurement during which other processes used 0.2 cores or
-more is retried (a few times); what they used is recorded.
+the caller's share on that one. Each figure is the best of a few blocks of calls, preferring
+blocks during which other processes used under 0.2 cores; what they used is recorded.
 
     python bench/experts.py [--threads 1,2] [--methods int4_kgroup,torch,amx_int8,bf16,amx_int4]
 """
@@ -36,7 +36,7 @@ from hybrid.experts.weights import ExpertWeights  # noqa: E402
 H, I, E, K = 7168, 2048, 64, 8
 TOKENS = (1, 8, 64, 512)
 BYTES_PER_WEIGHT = {"int4_kgroup": 0.5 + 2 / 32, "torch": 0.5 + 2 / 32, "amx_int8": 1.0, "amx_int4": 0.5, "bf16": 2.0}
-BUDGET = {1: (1.0, 2), 8: (0.5, 2), 64: (0.5, 2), 512: (0.0, 1)}  # seconds and least calls, after a warm-up call
+BLOCKS = {1: (6, 0.2), 8: (3, 0.3), 64: (2, 0.5), 512: (1, 0.0)}  # blocks of calls, each at least this long
 
 
 def _cpu_ticks() -> tuple[int, int, int]:
@@ -56,17 +56,20 @@ def elsewhere(fn):
     return out, max(0.0, busy / max(1, all1 - all0) * os.cpu_count())
 
 
-def clean(fn, tries: int = 5):
-    """fn() measured while other processes used under 0.2 cores (waiting up to 3 s for that before
-    each try, keeping the last try), and the cores they used."""
-    for _ in range(tries):
-        deadline = time.time() + 3
-        while elsewhere(lambda: time.sleep(0.3))[1] > 0.2 and time.time() < deadline:
-            pass
-        out, load = elsewhere(fn)
-        if load < 0.2:
-            break
-    return out, load
+def fastest_block(call, blocks: int, seconds: float) -> tuple[float, float]:
+    """Median time of `call` in the best of `blocks` blocks (each at least `seconds` long and one
+    call), and the cores other processes used meanwhile. A block during which they used 0.2 cores
+    or more counts only if none was quieter."""
+    def block():
+        times, end = [], time.perf_counter() + seconds
+        while not times or time.perf_counter() < end:
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    results = [elsewhere(block) for _ in range(blocks)]
+    ms, load = min(results, key=lambda r: (r[1] >= 0.2, r[0]))
+    return ms, load
 
 
 def host_gbps(threads: int) -> float:
@@ -74,15 +77,9 @@ def host_gbps(threads: int) -> float:
     torch.set_num_threads(threads)
     a = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
     a.sum()
-    best, _ = clean(lambda: min(_timed(a.sum) for _ in range(5)))
+    best, _ = fastest_block(a.sum, 5, 0.0)
     torch.set_num_threads(before)
     return a.numel() * 4 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def experts(one: torch.Tensor) -> torch.Tensor:
@@ -110,30 +107,29 @@ def backend(method: str, threads: int, weights: ExpertWeights):
     return KTExperts(weights, 0, method, threads, Path.home() / ".cache/hybrid/kt-bench")
 
 
-def calls(be, tokens: int, g, threads: int, method: str) -> list[float]:
-    """Times of calls on fresh random routings (every call touches other experts)."""
+def timed(be, tokens: int, g, threads: int, method: str) -> tuple[float, float]:
+    """ms per call on fresh random routings (every call touches other experts), and the cores
+    other processes used meanwhile."""
     routes = [(torch.randn(tokens, H, generator=g).to(torch.bfloat16),
                torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)]),
                torch.rand(tokens, K, generator=g)) for _ in range(8)]
+    turn = iter(range(10**9))
+
+    def call():
+        be.submit(*routes[next(turn) % len(routes)])
+        be.wait()
+
     torch_threads = torch.get_num_threads()
     if method == "torch":
         torch.set_num_threads(threads)
-    times, i = [], 0
     try:
-        seconds, least = BUDGET[tokens]
+        blocks, seconds = BLOCKS[tokens]
         if seconds:  # else the previous, smaller batch warmed up
-            be.submit(*routes[-1])
-            be.wait()
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < least:
-            t = time.perf_counter()
-            be.submit(*routes[i % len(routes)])
-            be.wait()
-            times.append(time.perf_counter() - t)
-            i += 1
+            call()
+        s, load = fastest_block(call, blocks, seconds)
     finally:
         torch.set_num_threads(torch_threads)
-    return times
+    return s * 1e3, load
 
 
 def touched(tokens: int) -> float:
@@ -152,8 +148,7 @@ def measure(method: str, thread_counts: list[int], host: dict[int, float]) -> li
         be = backend(method, threads, weights)
         load_s = time.perf_counter() - t
         for tokens in TOKENS:
-            times, load = clean(lambda: calls(be, tokens, g, threads, method), tries=5 if tokens < 512 else 2)
-            ms = statistics.median(times) * 1e3
+            ms, load = timed(be, tokens, g, threads, method)
             gbps = touched(tokens) * per_expert / ms / 1e6
             floor = K * per_expert / host[threads] / 1e6 if tokens == 1 else None
             rows.append({"backend": be.name, "method": "int4" if method == "torch" else method,

@@ -29,7 +29,7 @@ m = load_model(sys.argv[1])
 wall = time.perf_counter() - t
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # kB, this process only
 print(json.dumps({"wall_s": wall, "peak_rss": hwm * 1024,
-                  "experts": type(m.model.model.layers[-1].mlp.experts).__name__}))
+                  "experts": m.model.model.layers[-1].mlp.experts.cpu.name}))
 """
 
 
@@ -48,7 +48,7 @@ def main() -> None:
         console.print(f"wrote {folder} in {time.perf_counter() - t:.1f} s")
     disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
     ratio = r["peak_rss"] / disk
     table = Table(title=f"Loading the {args.preset} preset")
     for col in ("checkpoint on disk", "load wall time", "peak RSS", "RSS / disk", "target", "expert backend"):

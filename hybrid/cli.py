@@ -155,7 +155,7 @@ def plan(
     from placement import emit as emitters
     from placement.hardware import resolve
     from placement.model_spec import ModelSpec, ModelSpecError
-    from placement.planner import PlanError, Request, Stats, plan as make_plan
+    from placement.planner import Request, Stats, plan as make_plan
     from placement.report import header, render
 
     if (model is None) == (config is None):

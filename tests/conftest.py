@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hybrid.model.synthetic import write_checkpoint
+from hybrid.tokenizer import Tokenizer, write_tokenizer
 
 torch.set_num_threads(2)
 
@@ -33,3 +34,16 @@ def variant_dir(models_dir):
     def make(name: str):
         return write_checkpoint(models_dir / name, seed=1, **VARIANTS[name])
     return make
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A Kimi-format tokenizer with 2,048 base tokens."""
+    path = tmp_path_factory.mktemp("tok")
+    write_tokenizer(path, 2048)
+    return Tokenizer.from_pretrained(path)
+
+
+def token_ids(tok, *pieces):
+    """Ids written out by hand: special tokens by name, everything else plain text."""
+    return [i for p in pieces for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]

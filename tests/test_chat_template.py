@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jinja2.exceptions import SecurityError
 
-from hybrid.tokenizer import Tokenizer, write_tokenizer
+from hybrid.tokenizer import Tokenizer
 from hybrid.tokenizer.chat_template import ESC
 
 SYS, USER, ASSIST, MID, END = "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>"
@@ -30,16 +30,7 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    write_tokenizer(path, 2048)
-    return Tokenizer.from_pretrained(path)
-
-
-def ids(tok, *pieces):
-    """Hand-written expected prompt: special tokens by name, everything else plain text."""
-    return [i for p in pieces for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
+from conftest import token_ids as ids  # noqa: E402
 
 
 def test_conversation_with_tools_results_and_thinking(tok):

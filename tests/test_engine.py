@@ -106,7 +106,7 @@ def test_stop_strings_and_tokens(model, tokenizer):
     free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
     text = tokenizer.decode(free)
     stop = text[len(text) // 2:len(text) // 2 + 2]
-    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop]))
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop]))
     got, reason = "", None
     while engine:
         for o in engine.step():

@@ -90,7 +90,19 @@ INT4_BACKENDS = {
     "torch-packed": (PackedInt4Experts, 1e-2),
     "kt-one-core": (lambda w: kt(w, threads=1), 2e-2),
     "kt-all-cores": (lambda w: kt(w), 2e-2),
+    "kt-avx2-kernel": (lambda w: kt(w), 2e-2),  # the AVX2 build's kernel, which reads the weights in place
 }
+
+
+def only_kernel(monkeypatch, method: str, name: str) -> None:
+    """Make kt-kernel's `name` the one kernel for `method` (skip where this build lacks it)."""
+    from kt_kernel import kt_kernel_ext
+
+    from hybrid.experts import kt_backend
+
+    if not hasattr(kt_kernel_ext.moe, name):
+        pytest.skip(f"kt-kernel's {cpu.kt().variant} build has no {name}")
+    monkeypatch.setitem(kt_backend.CLASSES, method, (name,))
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +116,11 @@ def float16():
 
 
 @pytest.mark.parametrize("name", list(INT4_BACKENDS))
-def test_int4_parity(name, int4):
+def test_int4_parity(name, int4, monkeypatch):
     if name.startswith("kt") and not cpu.kt().usable:
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
+    if name == "kt-avx2-kernel":
+        only_kernel(monkeypatch, "int4_kgroup", "AVX2RawInt4_MOE")
     make, tol = INT4_BACKENDS[name]
     weights, dense = int4
     backend = make(weights)
@@ -120,11 +134,13 @@ def test_int4_parity(name, int4):
 
 
 @KT
-@pytest.mark.parametrize("method, tol", [("amx_int8", 5e-2), ("bf16", 1e-2), ("amx_int4", 0.35)])
+@pytest.mark.parametrize("method, kernel, tol", [("amx_int8", "AMXInt8_MOE", 5e-2), ("bf16", "AMXBF16_MOE", 1e-2),
+                                                 ("bf16", "AVX2BF16_MOE", 1e-2), ("amx_int4", "AMXInt4_MOE", 0.35)])
 @pytest.mark.parametrize("threads", [1, None])
-def test_float_parity(method, tol, threads, float16, tmp_path):
-    """BF16 experts quantized at load (INT8: the bound the issue sets; INT4 with one scale per
-    row is coarse by construction) or run as they are."""
+def test_float_parity(method, kernel, tol, threads, float16, tmp_path, monkeypatch):
+    """BF16 experts quantized at load (INT8 within the bound the runtime promises; INT4 with one
+    scale per row is coarse by construction) or run as they are."""
+    only_kernel(monkeypatch, method, kernel)
     weights, dense = float16
     backend = kt(weights, method=method, threads=threads, cache_dir=tmp_path)
     assert backend.method == method
@@ -135,8 +151,9 @@ def test_float_parity(method, tol, threads, float16, tmp_path):
 
 
 @KT
-def test_quantized_cache_is_written_reused_and_rebuilt(float16, tmp_path):
-    weights, dense = float16
+def test_quantized_cache_is_written_reused_and_rebuilt(float16, tmp_path, monkeypatch):
+    only_kernel(monkeypatch, "amx_int8", "AMXInt8_MOE")
+    weights, _ = float16
     x, ids, w = routes("positions", 9)
     first = kt(weights, method="amx_int8", threads=1, cache_dir=tmp_path)
     first.submit(x, ids, w)
@@ -155,12 +172,25 @@ def test_quantized_cache_is_written_reused_and_rebuilt(float16, tmp_path):
     assert torch.equal(rebuilt.wait(), expected) and manifest.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.parametrize("make", [int4_weights, float_weights])
+def test_row_slices_add_up_to_the_layer(make):
+    """The split kt-kernel and the caller's core share: rows [0, r) plus rows [r, I) is the layer."""
+    from hybrid.experts.kt_backend import slice_rows
+
+    weights, _ = make()
+    x, ids, w = routes("positions", 7)
+    whole = TorchExperts(weights).forward(x, ids, w)
+    parts = sum(TorchExperts(slice_rows(weights, a, b)).forward(x, ids, w) for a, b in ((0, 192), (192, I)))
+    assert torch.allclose(parts, whole, rtol=1e-4, atol=1e-6)
+
+
 @KT
 def test_split_and_thread_placement(int4):
     from hybrid.experts.kt_backend import share_rows
 
-    assert share_rows(2048, "AMXInt4_KGroup_MOE", 1) % 64 == 0 and 0 < share_rows(2048, "AMXInt4_KGroup_MOE", 1) < 2048
-    assert share_rows(128, "AMXInt4_MOE", 3) == 0  # one tile of rows: nothing to share
+    share = share_rows(2048, 64, "AMXInt4_KGroup_MOE", 1)
+    assert share % 64 == 0 and 0 < share < 2048
+    assert share_rows(128, 128, "AMXInt4_MOE", 3) == 0  # one tile of rows: nothing to share
     cores = cpu.expert_cores()
     backend = kt(int4[0])
     if len(cores) < 2:

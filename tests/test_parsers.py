@@ -1,8 +1,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hybrid.tokenizer import (Detokenizer, ReasoningParser, TextDelta, Tokenizer, ToolCallArgs, ToolCallEnd,
-                              ToolCallParser, ToolCallStart, coalesce, write_tokenizer)
+from hybrid.tokenizer import (Detokenizer, ReasoningParser, TextDelta, ToolCallArgs, ToolCallEnd,
+                              ToolCallParser, ToolCallStart, coalesce)
 
 THINK, THINK_END = "<think>", "</think>"
 SEC, SEC_END, CALL, ARGS, CALL_END = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
@@ -10,16 +10,7 @@ SEC, SEC_END, CALL, ARGS, CALL_END = ("<|tool_calls_section_begin|>", "<|tool_ca
 MARKERS = [THINK, THINK_END, SEC, SEC_END, CALL, ARGS, CALL_END]
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    write_tokenizer(path, 2048)
-    return Tokenizer.from_pretrained(path)
-
-
-def ids(tok, *pieces):
-    """Model output: special tokens by name, everything else plain text."""
-    return [i for p in pieces for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
+from conftest import token_ids as ids  # noqa: E402
 
 
 def text_deltas(tok, token_ids):

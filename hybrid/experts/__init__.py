@@ -17,17 +17,18 @@ _warned: set[str] = set()
 
 
 def make_backend(weights: ExpertWeights, layer: int, options: ExpertOptions = ExpertOptions(),
-                 dtype: torch.dtype = torch.bfloat16) -> ExpertBackend:
+                 dtype: torch.dtype = torch.bfloat16, top_k: int = 8) -> ExpertBackend:
     """kt-kernel where it can run (`auto`, or `kt`, which fails if it cannot), else torch.
     `dtype`: the model's compute dtype. kt-kernel computes in bf16, so `auto` gives a model that
-    computes in another dtype (float32 for exact comparisons) the torch backend, which honours it."""
+    computes in another dtype (float32 for exact comparisons) the torch backend, which honours it.
+    `top_k`: the most experts a token may use (kt-kernel sizes its buffers by it)."""
     if options.backend == "kt" or (options.backend == "auto" and dtype == torch.bfloat16):
         reason = cpu.kt().reason
         if reason is None:
             from hybrid.experts.kt_backend import KTExperts, Unsupported
 
             try:
-                return KTExperts(weights, layer, options.method, options.threads, options.cache_dir)
+                return KTExperts(weights, layer, options.method, options.threads, options.cache_dir, top_k)
             except Unsupported as e:
                 reason = str(e)
         if options.backend == "kt":

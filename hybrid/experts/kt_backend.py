@@ -170,7 +170,7 @@ def pool(cores: list[int]) -> Pool:
     return _POOLS[key]
 
 
-def rows(w: ExpertWeights, start: int, stop: int) -> ExpertWeights:
+def slice_rows(w: ExpertWeights, start: int, stop: int) -> ExpertWeights:
     """Rows [start, stop) of every expert's intermediate dimension: gate and up rows, down columns."""
     if (start, stop) == (0, w.intermediate_size):
         return w
@@ -188,10 +188,10 @@ def rows(w: ExpertWeights, start: int, stop: int) -> ExpertWeights:
     return ExpertWeights(w.format, group_size=w.group_size, **fields)
 
 
-def share_rows(size: int, kernel: str, kt_threads: int) -> int:
-    """Rows of each expert the caller's core computes so that both sides finish together."""
-    align = ALIGN.get(kernel, 64)
-    return min(round(size / (1 + KT_OVER_TORCH[kernel] * kt_threads) / align) * align, size - align)
+def share_rows(size: int, unit: int, kernel: str, kt_threads: int) -> int:
+    """Rows of each expert the caller's core computes so that both sides finish together; kt keeps
+    a multiple of `unit`."""
+    return min(round(size / (1 + KT_OVER_TORCH[kernel] * kt_threads) / unit) * unit, size - unit)
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,9 @@ class CacheEntry:
             (tmp / "manifest.json").write_text(json.dumps({"key": self.key, "files": files}, indent=1))
 
 
-def cache_entry(root: Path, layer: int, kernel: str, w: ExpertWeights, subpools: int) -> CacheEntry:
-    """Where kt's quantized copy of these weights lives: keyed by the kernel, the kt build and
-    a fingerprint of the weights (a fixed sample of every expert's values)."""
+def cache_entry(root: Path, layer: int, kernel: str, w: ExpertWeights, rows: int, subpools: int) -> CacheEntry:
+    """Where kt's quantized copy of the first `rows` rows of these weights lives: keyed by the
+    kernel, the kt build and a fingerprint of the weights (a fixed sample of every expert's values)."""
     from kt_kernel import __int8_weight_layout__
 
     digest = hashlib.sha256()
@@ -235,7 +235,7 @@ def cache_entry(root: Path, layer: int, kernel: str, w: ExpertWeights, subpools:
         flat = t.reshape(t.shape[0], -1)
         digest.update(flat[:, ::max(1, flat.shape[1] // 4096)].contiguous().view(torch.uint8).numpy().tobytes())
     key = {"kernel": kernel, "kt": cpu.kt().version, "build": cpu.kt().variant, "int8_layout": __int8_weight_layout__,
-           "shape": [w.num_experts, w.hidden_size, w.intermediate_size], "dtype": str(w.gate.dtype),
+           "shape": [w.num_experts, w.hidden_size, w.intermediate_size], "rows": rows, "dtype": str(w.gate.dtype),
            "subpools": subpools, "weights": digest.hexdigest()}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return CacheEntry(root.expanduser() / name / f"layer_{layer}", key)
@@ -250,38 +250,43 @@ class KTExperts:
                  cache_dir: Path | None = None, top_k: int = 8, max_len: int = 512):
         from kt_kernel import kt_kernel_ext
 
-        self.method, self.kernel = resolve(method, weights.format)
-        align = ALIGN.get(self.kernel, 64)
-        if weights.hidden_size % align or weights.intermediate_size % align:
-            raise Unsupported(f"{self.kernel} takes hidden and intermediate sizes divisible by {align} (it crashes on "
-                              f"others); these experts are {weights.hidden_size} x {weights.intermediate_size}")
         assert max_len % 64 == 0, "kt's tiles need max_len divisible by 64"
+        self.method, self.kernel = resolve(method, weights.format)
         cores = cpu.expert_cores(threads)
         self.threads, self.pool = len(cores), pool(cores)
+        size, unit = weights.intermediate_size, ALIGN.get(self.kernel, 64) * self.pool.subpools
+        if weights.hidden_size % unit or size % unit:
+            raise Unsupported(f"{self.kernel} takes hidden and intermediate sizes divisible by {unit} (it crashes on "
+                              f"others); these experts are {weights.hidden_size} x {size}")
         self.hidden_size, self.top_k, self.max_len = weights.hidden_size, top_k, max_len
-        size = weights.intermediate_size
-        share = share_rows(size, self.kernel, self.pool.threads) if self.pool.caller_core is not None else 0
-        self.rows = size - share
-        self.share = None
+        share = share_rows(size, unit, self.kernel, self.pool.threads) if self.pool.caller_core is not None else 0
+        self.rows, self.share = size - share, None
         if share:
-            part = rows(weights, self.rows, size)
+            part = slice_rows(weights, self.rows, size)
             self.share = PackedInt4Experts(part) if PackedInt4Experts.fits(part) else TorchExperts(part, torch.bfloat16)
-        w = rows(weights, 0, self.rows)
-        self._mask = torch.zeros(w.num_experts, dtype=torch.bool)  # experts kt skips: none
-        cfg = kt_kernel_ext.moe.MOEConfig(w.num_experts, top_k, w.hidden_size, self.rows, self._mask.data_ptr())
+        self._mask = torch.zeros(weights.num_experts, dtype=torch.bool)  # experts kt skips: none
+        self._order = torch.arange(weights.num_experts, dtype=torch.int64)  # kt's expert order: ours
+        cfg = kt_kernel_ext.moe.MOEConfig(weights.num_experts, top_k, self.hidden_size, self.rows, self._mask.data_ptr())
         cfg.layer_idx, cfg.pool, cfg.max_len = layer, self.pool.cpu.backend_, max_len
-        order = torch.arange(w.num_experts, dtype=torch.int64)
-        with self._source(cfg, w, layer, Path(cache_dir or DEFAULT_CACHE)), _quiet():
+        with self._source(cfg, weights, layer, Path(cache_dir or DEFAULT_CACHE)), _quiet():
             self.moe = getattr(kt_kernel_ext.moe, self.kernel)(cfg)
-            self.pool.cpu.submit(self.moe.load_weights_task(order.data_ptr()))
+            self.pool.cpu.submit(self.moe.load_weights_task(self._order.data_ptr()))
             self.pool.cpu.sync()
         self._pending = None
 
     @contextlib.contextmanager
-    def _source(self, cfg, w: ExpertWeights, layer: int, cache_dir: Path):
-        """Point kt at the weights, or at its cached quantized copy, for the load in the block;
-        keep what kt reads after it."""
+    def _source(self, cfg, weights: ExpertWeights, layer: int, cache_dir: Path):
+        """Point kt at its rows of the weights, or at its cached quantized copy of them, for the
+        load in the block; keep what kt reads after it."""
         self._keep: list[torch.Tensor] = []
+        entry = None
+        if self.method in QUANTIZED:
+            entry = cache_entry(cache_dir, layer, self.kernel, weights, self.rows, self.pool.subpools)
+            if entry.valid():
+                cfg.load, cfg.path = True, str(entry.folder)
+                yield
+                return
+        w = slice_rows(weights, 0, self.rows)
         if w.format == "int4":
             for name, packed, scale in (("gate", w.gate, w.gate_scale), ("up", w.up, w.up_scale),
                                         ("down", w.down, w.down_scale)):
@@ -290,17 +295,12 @@ class KTExperts:
                 setattr(cfg, f"{name}_projs", [[packed[e].data_ptr() for e in range(w.num_experts)]])
                 setattr(cfg, f"{name}_scales", [[scale[e].data_ptr() for e in range(w.num_experts)]])
             cfg.quant_config.bits, cfg.quant_config.group_size, cfg.quant_config.zero_point = 4, w.group_size, False
-            self._keep = w.tensors() if self.kernel in IN_PLACE else []
-            yield
-            return
-        entry = cache_entry(cache_dir, layer, self.kernel, w, self.pool.subpools) if self.method in QUANTIZED else None
-        if entry is not None and entry.valid():
-            cfg.load, cfg.path = True, str(entry.folder)
-            yield
-            return
-        bf16 = [t.to(torch.bfloat16).contiguous() for t in (w.gate, w.up, w.down)]
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (t.data_ptr() for t in bf16)
-        self._keep = bf16 if self.kernel in IN_PLACE else []
+            tensors = w.tensors()
+        else:
+            tensors = [t.to(torch.bfloat16).contiguous() for t in (w.gate, w.up, w.down)]
+            cfg.gate_proj, cfg.up_proj, cfg.down_proj = (t.data_ptr() for t in tensors)
+        if self.kernel in IN_PLACE:
+            self._keep = tensors
         if entry is None:
             yield
             return
