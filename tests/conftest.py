@@ -1,3 +1,7 @@
+import atexit
+import os
+import sys
+
 import pytest
 import torch
 
@@ -5,6 +9,15 @@ from hybrid.model.synthetic import write_checkpoint
 from hybrid.tokenizer import Tokenizer, write_tokenizer
 
 torch.set_num_threads(2)
+
+
+@atexit.register
+def _quiet_exit():
+    """kt-kernel's thread pools print a line to stdout as they are destroyed at exit; keep the
+    test report's summary the last thing printed."""
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
 
 # Architecture variants the parity tests cover: name -> write_checkpoint overrides.
 VARIANTS = {

@@ -111,3 +111,19 @@ def test_stats_count_every_routed_slot(tiny_dir, ids, tmp_path):
     assert all(sum(c) == len(ids) * k for c in data.values())
     stats.save(tmp_path / "stats.json")
     assert json.loads((tmp_path / "stats.json").read_text())["layers"] == data
+
+
+def test_kt_backend_end_to_end_agrees_with_torch(tiny_dir):
+    """The whole model with kt-kernel's experts against the portable backend, both bf16, over
+    256 positions: top-1 agreement >= 95%, relative logit error <= 5e-2."""
+    from hybrid.experts import cpu
+
+    if cpu.kt().reason is not None:
+        pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
+    ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
+    kt = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="kt")))
+    assert kt.model.model.layers[1].mlp.experts.cpu.name == "kt"
+    ref = load_model(tiny_dir, Placement.on("cpu", experts=TORCH)).logits(ids)
+    got = kt.logits(ids)
+    assert rel(got, ref) <= 5e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95

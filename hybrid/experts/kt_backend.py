@@ -102,6 +102,16 @@ def _quiet():
         os.close(saved)
 
 
+def _place(tid: int, core: int, idle: bool = False) -> None:
+    """Pin a thread to a core, at idle priority if asked; where the system refuses, it runs unpinned."""
+    try:
+        os.sched_setaffinity(tid, {core})
+        if idle:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as e:
+        log.warning("could not place kt-kernel thread %d on core %d: %s", tid, core, e)
+
+
 def _threads() -> dict[int, str]:
     task = Path("/proc/self/task")
     return {int(t.name): (t / "comm").read_text().strip() for t in task.iterdir()}
@@ -133,10 +143,9 @@ class Pool:
                 continue
             if name.startswith("numa_"):  # numa_<node>_m_<i> (thread 0 of a subpool) or numa_<node>_t_<i>
                 node, _, i = name[5:].split("_")
-                os.sched_setaffinity(tid, {nodes[int(node)][int(i)]})
+                _place(tid, nodes[int(node)][int(i)])
             elif self.caller_core is not None:  # the queue thread
-                os.sched_setaffinity(tid, {self.caller_core})
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                _place(tid, self.caller_core, idle=True)
                 with contextlib.suppress(OSError):
                     self._clock = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
         log.info("kt-kernel %s: %d compute threads on cores %s%s", cpu.kt().variant, self.threads,

@@ -55,8 +55,8 @@ class TorchExperts:
         x = hidden.to(self.dtype)
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
-        order = flat.argsort(stable=True)
-        experts, counts = (t.tolist() for t in torch.unique_consecutive(flat[order], return_counts=True))
+        ids, order = flat.sort(stable=True)
+        experts, counts = (t.tolist() for t in torch.unique_consecutive(ids, return_counts=True))
         if experts and experts[0] < 0:  # -1 slots sort first: drop them
             order, experts, counts = order[counts[0]:], experts[1:], counts[1:]
         token_of = order // k
