@@ -42,7 +42,8 @@ def int4_weights(seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tensor, ...]
 
 def float_weights(seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(seed)
-    ws = [(torch.randn(E, out, inp, generator=g) / inp**0.5).to(torch.bfloat16) for out, inp in ((I, H), (I, H), (H, I))]
+    ws = [(torch.randn(E, out, inp, generator=g) / inp**0.5).to(torch.bfloat16)
+          for out, inp in ((I, H), (I, H), (H, I))]
     return ExpertWeights("float", *ws), tuple(w.float() for w in ws)
 
 

@@ -54,7 +54,7 @@ IN_PLACE = ("AVX2RawInt4_MOE",)  # reads the weight tensors at every forward
 # Per-thread speed of each kt kernel over torch's on the same rows at T = 1 (torch: the int4
 # kernel for INT4, bf16 matmuls for float experts), measured on an AVX-512 machine without AMX.
 # It only balances the caller's share.
-KT_OVER_TORCH = {"AMXInt4_KGroup_MOE": 1.4, "AVX2RawInt4_MOE": 0.45, "AMXInt8_MOE": 1.3, "AMXInt4_MOE": 2.8,
+KT_OVER_TORCH = {"AMXInt4_KGroup_MOE": 1.4, "AVX2RawInt4_MOE": 0.45, "AMXInt8_MOE": 1.6, "AMXInt4_MOE": 2.8,
                  "AMXBF16_MOE": 0.85, "AVX2BF16_MOE": 0.85}
 ALIGN = {"AMXInt4_MOE": 128}  # hidden and intermediate sizes must divide by this, else by 64 (else a crash)
 DEFAULT_CACHE = Path("~/.cache/hybrid/kt")
@@ -275,7 +275,8 @@ class KTExperts:
             self.share = PackedInt4Experts(part) if PackedInt4Experts.fits(part) else TorchExperts(part, torch.bfloat16)
         self._mask = torch.zeros(weights.num_experts, dtype=torch.bool)  # experts kt skips: none
         self._order = torch.arange(weights.num_experts, dtype=torch.int64)  # kt's expert order: ours
-        cfg = kt_kernel_ext.moe.MOEConfig(weights.num_experts, top_k, self.hidden_size, self.rows, self._mask.data_ptr())
+        cfg = kt_kernel_ext.moe.MOEConfig(weights.num_experts, top_k, self.hidden_size, self.rows,
+                                          self._mask.data_ptr())
         cfg.layer_idx, cfg.pool, cfg.max_len = layer, self.pool.cpu.backend_, max_len
         with self._source(cfg, weights, layer, Path(cache_dir or DEFAULT_CACHE)), _quiet():
             self.moe = getattr(kt_kernel_ext.moe, self.kernel)(cfg)
