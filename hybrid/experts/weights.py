@@ -12,8 +12,8 @@ class ExpertWeights:
     """Routed experts of one layer.
 
     `int4`: compressed-tensors pack-quantized; `gate`/`up` are int32 [E, I, H/8], `down` int32
-    [E, H, I/8], each with a bf16 scale [E, out, in/group]. This is also kt-kernel's K-group INT4
-    layout, so the CPU kernels read these tensors in place.
+    [E, H, I/8], each with a bf16 scale [E, out, in/group]. kt-kernel's K-group INT4 class takes
+    these tensors as they are (it copies them into its own buffers at load).
     `float`: `gate`/`up` [E, I, H], `down` [E, H, I] in bf16/fp16/fp32 (FP8 checkpoints are
     dequantized to bf16 on load).
     """

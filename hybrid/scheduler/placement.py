@@ -84,7 +84,7 @@ class ExpertBuilder:
             streamer = self.streamers.setdefault(device, ExpertStreamer(device, self.dtype))
             streamer.add(layer, weights)
             weights = streamer.layers[layer]
-        cpu = make_backend(weights, layer, self.p.experts, self.dtype)
+        cpu = make_backend(weights, layer, self.p.experts, self.dtype, self.cfg.num_experts_per_tok)
         hot_ids = self.p.hot_experts.get(layer)
         hot = DeviceExperts(weights, hot_ids, device, self.dtype) if hot_ids else None
         last = layer == self.cfg.moe_layers[-1]
