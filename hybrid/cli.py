@@ -83,15 +83,15 @@ def serve(
     served_model_name: str = typer.Option(None, help="The model id clients send (default: the folder's name)."),
 ):
     """Serve a model over OpenAI's and Anthropic's HTTP APIs (/v1/chat/completions, /v1/messages, ...)."""
-    import uvicorn
     from rich.console import Console
 
     from hybrid.server.app import create_app
+    from hybrid.server.http_server import Server
 
     console = Console(stderr=True)
     serving = _load_serving(model, profile, served_model_name, console)
     console.print(f"serving [bold]{serving.model_name}[/] at http://{host}:{port}/v1  (also /health, /metrics)")
-    uvicorn.run(create_app(serving, api_key), host=host, port=port, log_level="info")
+    Server(create_app(serving, api_key), host, port, log_level="info").run()
 
 
 @app.command()
@@ -111,7 +111,7 @@ def chat(
 
     from hybrid.chat import Chat
     from hybrid.server.app import create_app
-    from hybrid.server.server_thread import ServerThread
+    from hybrid.server.http_server import ServerThread
 
     console = Console()
     if url:
@@ -188,6 +188,7 @@ def doctor():
     from rich.console import Console
     from rich.table import Table
 
+    from hybrid.experts import default_kernel
     from hybrid.experts.cpu import report
 
     table = Table(title="CPU experts on this machine", show_header=False)
@@ -195,6 +196,12 @@ def doctor():
     table.add_column()
     for item, value in report():
         table.add_row(item, value)
+    backend, verdicts = default_kernel()
+    table.add_row("INT4 expert kernel", f"{backend.name}: {backend.kernel}")
+    for v in verdicts:
+        verdict = "[green]passed[/]" if v.ok else f"[red]refused[/] {v.kernel}"
+        table.add_row("self-check", f"{verdict}: relative error {v.error:.2g} against float32 (tolerance "
+                                    f"{v.tolerance:g}), {v.seconds * 1e3:.0f} ms")
     Console().print(table)
 
 

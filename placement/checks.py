@@ -111,12 +111,12 @@ def _cpu(p: Profile, out: list) -> None:
     if c.method.startswith("amx") and not cpu.has("amx"):
         out.append(Problem("cpu.method", f"{c.method} needs AMX, which the profile's CPU lacks",
                            "use int4_kgroup (INT4 checkpoints) or bf16"))
-    if c.backend == "torch" and c.method != "bf16":
-        out.append(Problem("cpu.backend", f"the torch backend runs bf16 experts only, not {c.method}",
-                           "use backend kt, or method bf16"))
-    if c.backend == "kt" and not cpu.has("avx512"):
-        out.append(Problem("cpu.backend", "kt-kernel's MoE kernels need AVX-512, which the profile's CPU lacks",
-                           "use backend torch with method bf16"))
+    if c.backend == "torch" and c.method.startswith("amx"):
+        out.append(Problem("cpu.backend", f"the torch backend runs experts as stored (int4_kgroup) or as bf16, "
+                           f"not {c.method}", "use backend kt, or method bf16"))
+    if c.backend == "kt" and not cpu.has("avx2"):
+        out.append(Problem("cpu.backend", "kt-kernel's MoE kernels need AVX2 at least, which the profile's CPU lacks",
+                           f"use backend torch with method {'int4_kgroup' if quant == 'int4' else 'bf16'}"))
 
 
 def _kv(p: Profile, out: list) -> None:

@@ -224,6 +224,15 @@ def checkpoint_tensors(a: Arch) -> Iterator[Tensor]:
     yield from module_tensors(a, "lm_head")
 
 
+def expert_bytes_held(method: str, hidden: int, intermediate: int, group: int) -> int:
+    """One routed expert (gate, up, down) as a CPU method holds it in host memory: 4-bit values
+    with a 4-byte scale per group for INT4 as stored (kt-kernel's copy keeps fp32 scales, torch's
+    packed layout a bf16 scale and zero); kt's AMX layouts one fp32 scale per row; bf16 dequantized."""
+    n, rows = 3 * hidden * intermediate, 2 * intermediate + hidden
+    return {"int4_kgroup": n // 2 + 4 * n // group, "amx_int4": n // 2 + 4 * rows,
+            "amx_int8": n + 4 * rows, "bf16": 2 * n}[method]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Per-module sizes of one model. `bytes[g]`/`params[g]` are per instance: one layer's
@@ -286,12 +295,9 @@ class ModelSpec:
         return len(a.moe_layers) * a.n_routed_experts * self.bytes["expert"]
 
     def expert_host_bytes(self, method: str) -> int:
-        """One routed expert as a CPU method holds it: INT4 K-group reads the checkpoint in place;
-        kt's AMX layouts add one fp32 scale per row; bf16 is dequantized."""
+        """One routed expert as a CPU method holds it."""
         a = self.arch
-        n, rows = self.params["expert"], 2 * a.moe_intermediate_size + a.hidden_size
-        return {"int4_kgroup": self.bytes["expert"], "amx_int4": n // 2 + 4 * rows,
-                "amx_int8": n + 4 * rows, "bf16": 2 * n}[method]
+        return expert_bytes_held(method, a.hidden_size, a.moe_intermediate_size, a.group_size)
 
     def kv_bytes_per_token_layer(self, dtype: str = "bf16") -> int:
         """MLA latent cache: (kv_lora_rank + qk_rope_head_dim) values per token and layer."""

@@ -74,19 +74,21 @@ class Request:
 
 
 def choose_cpu(spec: ModelSpec, hw: Hardware) -> CpuSection:
-    """kt-kernel where the ISA allows: INT4 checkpoints in place (AVX-512), float and FP8 ones
-    re-quantized for AMX (int8 when all experts fit in RAM that way, else int4), bf16 otherwise.
-    Threads: every physical core but one, which the driving thread keeps (kt-kernel's sync spins)."""
+    """kt-kernel on any CPU with AVX2 (its builds cover AVX2, AVX-512 and AMX, and the runtime
+    proves each kernel at load): INT4 checkpoints run as stored, float and FP8 ones are
+    re-quantized for AMX (int8 when all experts fit in RAM that way, else int4) or run as bf16.
+    Without AVX2, the portable torch backend. Threads: every physical core but one, which the
+    driving thread keeps (kt-kernel's sync spins)."""
     cpu, a = hw.cpu, spec.arch
     threads = max(1, cpu.cores - 1)
     pools = min(cpu.numa_nodes, threads)
-    if a.quant == "int4" and cpu.has("avx512"):
-        return CpuSection(backend="kt", method="int4_kgroup", threads=threads, threadpools=pools)
+    backend = "kt" if cpu.has("avx2") else "torch"
+    if a.quant == "int4":
+        return CpuSection(backend=backend, method="int4_kgroup", threads=threads, threadpools=pools)
     if cpu.has("amx"):
         int8 = len(a.moe_layers) * a.n_routed_experts * spec.expert_host_bytes("amx_int8")
         method = "amx_int8" if int8 + host_reserve(hw.ram_bytes) <= hw.ram_bytes else "amx_int4"
-        return CpuSection(backend="kt", method=method, threads=threads, threadpools=pools)
-    backend = "kt" if cpu.has("avx512") else "torch"
+        return CpuSection(backend=backend, method=method, threads=threads, threadpools=pools)
     return CpuSection(backend=backend, method="bf16", threads=threads, threadpools=pools)
 
 

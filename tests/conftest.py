@@ -1,6 +1,6 @@
-import atexit
-import os
-import sys
+import json
+import socket
+import time
 
 import pytest
 import torch
@@ -9,15 +9,6 @@ from hybrid.model.synthetic import write_checkpoint
 from hybrid.tokenizer import Tokenizer, write_tokenizer
 
 torch.set_num_threads(2)
-
-
-@atexit.register
-def _quiet_exit():
-    """kt-kernel's thread pools print a line to stdout as they are destroyed at exit; keep the
-    test report's summary the last thing printed."""
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
 
 # Architecture variants the parity tests cover: name -> write_checkpoint overrides.
 VARIANTS = {
@@ -60,3 +51,31 @@ def tok(tmp_path_factory):
 def token_ids(tok, *pieces):
     """Ids written out by hand: special tokens by name, everything else plain text."""
     return [i for p in pieces for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
+
+
+def pages_and_running(serving) -> tuple[int, int]:
+    """KV pages held by requests, and requests running, as the engine has them."""
+    engine = serving.engine.engine
+    return engine.pages.num_used, len(engine.scheduler.running)
+
+
+def leave_mid_request(serving, url: str, path: str, body: dict, headers: dict) -> float:
+    """Send a non-streamed request over a raw connection, close it once the engine runs it (the
+    prompt still being read), and return the seconds until its pages and running slot are freed."""
+    host, port = url.removeprefix("http://").split(":")
+    baseline = pages_and_running(serving)
+    data = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Type": "application/json",
+                                                  "Content-Length": len(data)}.items())
+    conn = socket.create_connection((host, int(port)))
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode() + data)
+    deadline = time.monotonic() + 30
+    while pages_and_running(serving)[1] == baseline[1]:
+        assert time.monotonic() < deadline, "the request never ran"
+        time.sleep(0.005)
+    conn.close()
+    left = time.monotonic()
+    while pages_and_running(serving) != baseline:
+        assert time.monotonic() < left + 30, "the request was never cancelled"
+        time.sleep(0.005)
+    return time.monotonic() - left

@@ -5,6 +5,7 @@ Every stream is checked against the API's event grammar."""
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import anthropic
@@ -17,7 +18,7 @@ import torch
 from hybrid.engine import EngineConfig
 from hybrid.server import anthropic_api
 from hybrid.server.app import create_app
-from hybrid.server.server_thread import ServerThread
+from hybrid.server.http_server import ServerThread
 from hybrid.server.serving import Serving
 from hybrid.tokenizer.specials import IM_END, THINK_END
 
@@ -210,6 +211,57 @@ def test_thinking_is_signed_and_preserved_only_when_asked(client, serving, engin
         assert prompt.endswith("<think>")  # thinking on for the new turn
 
 
+def test_clear_thinking_keeps_the_reasoning_of_the_last_turns_it_names(client, serving, engine):
+    """context_management's clear_thinking edit: the reasoning of all but the last `keep`
+    assistant turns is left out (Anthropic's default: one turn; "all": every turn)."""
+    turns = []
+    for word in ("Alpha.", "Beta."):
+        engine.script(ids_of(serving, f"Thinking {word}", THINK_END, word, IM_END))
+        reply = client.messages.create(model="m", max_tokens=32, thinking={"type": "enabled", "budget_tokens": 16},
+                                       messages=HI)
+        turns.append([b.model_dump(exclude_none=True) for b in reply.content])
+    history = [HI[0], {"role": "assistant", "content": turns[0]}, {"role": "user", "content": "More?"},
+               {"role": "assistant", "content": turns[1]}, {"role": "user", "content": "And?"}]
+    engine.script(ids_of(serving, "Ok.", IM_END))
+    thinking = {"type": "enabled", "budget_tokens": 8, "preserve": True}
+    for keep, kept in ((None, ["Beta."]), ({"type": "thinking_turns", "value": 0}, []),
+                       ("all", ["Alpha.", "Beta."])):
+        edit = {"type": "clear_thinking_20251015", **({"keep": keep} if keep else {})}
+        client.messages.create(model="m", max_tokens=12, messages=history, thinking=thinking,
+                               extra_body={"context_management": {"edits": [edit]}})
+        prompt = serving.tokenizer.decode(engine.prompts[-1])
+        assert [w for w in ("Alpha.", "Beta.") if f"Thinking {w}" in prompt] == kept, keep
+
+
+def test_effort_bounds_the_reasoning(client, serving, engine):
+    """output_config.effort: `low` answers without thinking; `medium` thinks for at most a quarter
+    of max_tokens (this random model, left alone, never ends its reasoning)."""
+    engine.script(ids_of(serving, *["a"] * 40, THINK_END, "Done.", IM_END))
+    low = client.messages.create(model="m", max_tokens=64, messages=HI, thinking={"type": "adaptive"},
+                                 extra_body={"output_config": {"effort": "low"}})
+    assert serving.tokenizer.decode(engine.prompts[-1]).endswith("<think></think>")
+    assert [b.type for b in low.content] == ["text"]
+    engine.reply = None  # the model's own tokens: only the budget can end the thinking
+    for effort, blocks in (("high", ["thinking"]), ("medium", ["thinking", "text"])):
+        reply = client.messages.create(model="m", max_tokens=64, messages=HI, thinking={"type": "adaptive"},
+                                       extra_body={"temperature": 0, "output_config": {"effort": effort}})
+        assert [b.type for b in reply.content] == blocks, effort
+
+
+def test_max_tokens_beyond_the_context_is_clamped_not_refused(server, serving):
+    """Claude Code asks for 64,000 tokens whatever the server's context: the request is served,
+    its reply bounded by the room the context leaves (where it would stop with max_tokens)."""
+    body = {"model": "m", "max_tokens": 10**9, "stream": True, "messages": HI}
+    with httpx.stream("POST", server.url + "/v1/messages", json=body, headers={"x-api-key": KEY}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines) == "event: message_start"
+        while not serving.engine.engine.requests:
+            time.sleep(0.001)
+        [seq] = serving.engine.engine.requests.values()
+        assert seq.max_tokens == serving.engine.engine.max_model_len - seq.num_prompt_tokens
+
+
 def test_openai_endpoint_preserves_thinking_only_when_asked(server, serving, engine):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     history = HI + [{"role": "assistant", "content": "Sunny.", "reasoning_content": "Let me think."},
@@ -240,11 +292,16 @@ def test_count_tokens_is_the_prompt_of_the_message(client, engine, kw):
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_claude_code_request_replays(server, engine, streamed):
+def test_claude_code_request_replays(server, engine, serving, streamed):
+    """Claude Code 2.1.197's first request as it sent it (its tools cut to four and its system
+    texts to 1,500 characters, to keep the prompt short): a system message in the conversation,
+    adaptive thinking, context_management, output_config.effort, metadata.user_id as JSON text."""
     body = json.loads(CLAUDE_CODE.read_text())
-    body.update(max_tokens=16, stream=streamed, thinking={"type": "enabled", "budget_tokens": 8})
+    body.update(max_tokens=16, stream=streamed)
     headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01",
-               "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,no-such-beta-2099-01-01"}
+               "anthropic-beta": "claude-code-20250219,context-1m-2025-08-07,interleaved-thinking-2025-05-14,"
+                                 "thinking-token-count-2026-05-13,context-management-2025-06-27,prompt-caching-scope-"
+                                 "2026-01-05,mid-conversation-system-2026-04-07,effort-2025-11-24,no-such-beta-2099"}
     r = httpx.post(server.url + "/v1/messages?beta=true", json=body, headers=headers, timeout=120)
     assert r.status_code == 200, r.text
     if streamed:
@@ -259,6 +316,9 @@ def test_claude_code_request_replays(server, engine, streamed):
     assert count.json()["input_tokens"] == usage["input_tokens"] + usage["cache_read_input_tokens"]
     prompt = engine.prompts[-1]
     assert len(prompt) == count.json()["input_tokens"]
+    text = serving.tokenizer.decode(prompt)
+    mid_system = body["messages"][1]["content"][:200]
+    assert text.index("<|im_user|>user<|im_middle|>") < text.index(f"<|im_system|>system<|im_middle|>{mid_system}")
 
 
 def _with(body: dict, **changes) -> dict:
@@ -282,6 +342,10 @@ TOOL_TURN = [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu
     (_with(GOOD, thinking={"type": "enabled", "budget_tokens": 8}), "budget_tokens"),
     (_with(GOOD, messages=[{"role": "user", "content": [{"type": "hologram", "data": "x"}]}]), "messages.0.content.0"),
     (_with(GOOD, tools=[WEATHER], tool_choice={"type": "tool", "name": "nope"}), "tool_choice"),
+    (_with(GOOD, messages=HI + [{"role": "system", "content": [{"type": "image", "source": {}}]}]),
+     "messages.1.content.0"),
+    (_with(GOOD, context_management={"edits": [{"type": "clear_everything_2099"}]}), "context_management"),
+    (_with(GOOD, output_config={"effort": "extreme"}), "output_config.effort"),
 ])
 def test_bad_requests_get_anthropic_errors_naming_the_field(server, client, body, field):
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY})
@@ -305,3 +369,4 @@ def test_error_shapes_per_api(server):
     assert openai_shape.status_code == 400 and set(openai_shape.json()["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(**GOOD)
+

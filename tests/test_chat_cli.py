@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hybrid.server.app import create_app
-from hybrid.server.server_thread import ServerThread
+from hybrid.server.http_server import ServerThread
 from hybrid.server.serving import Serving
 
 HYBRID = str(Path(sys.executable).with_name("hybrid"))

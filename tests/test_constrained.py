@@ -18,7 +18,7 @@ from hybrid.engine import EngineConfig
 from hybrid.engine.constrained import ThinkingBudget, json_grammar, tool_call_grammar
 from hybrid.engine.grammar import GrammarError, GrammarProcessor
 from hybrid.server.app import create_app
-from hybrid.server.server_thread import ServerThread
+from hybrid.server.http_server import ServerThread
 from hybrid.server.serving import Serving
 from hybrid.tokenizer import Tokenizer
 from hybrid.tokenizer.specials import TOOL_CALL_ARGS, TOOL_CALL_END

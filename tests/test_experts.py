@@ -270,3 +270,63 @@ def test_amx_build_is_refused_without_amx():
     """Forcing the `amx` build on a CPU without AMX would die with SIGILL in its tile kernels."""
     run = _in_subprocess("from hybrid.experts import cpu; print(cpu.kt().reason)", KT_KERNEL_CPU_VARIANT="amx")
     assert run.returncode == 0 and "cannot execute" in run.stdout
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_default_backend_int4_layer_matches_the_dequantized_reference(tokens, int4):
+    """What the runtime uses by default on this CPU (bf16, auto backend), past kt's task size."""
+    weights, dense = int4
+    backend = make_backend(weights, 1)
+    for kind in ("distinct", "same", "positions"):
+        x, ids, w = routes(kind, tokens)
+        x = x.to(torch.bfloat16)
+        backend.submit(x, ids, w)
+        assert rel_err(backend.wait(), reference(dense, x, ids, w)) <= 2e-2, (backend.kernel, kind)
+
+
+CHECK_PACKED = """
+    import sys; sys.path.insert(0, "tests")
+    import torch
+    from test_experts import int4_weights, reference, routes, rel_err
+    from hybrid.experts import PackedInt4Experts
+    weights, dense = int4_weights()
+    backend = PackedInt4Experts(weights)
+    print("CAPABILITY", torch.backends.cpu.get_cpu_capability())
+    for tokens in (1, 7, 300):
+        x, ids, w = routes("distinct", tokens)
+        print("ERR", rel_err(backend.forward(x.bfloat16(), ids, w), reference(dense, x.bfloat16(), ids, w)))
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_packed_int4_is_right_at_every_torch_cpu_capability(capability):
+    """torch lays its int4 operand out per CPU capability: forcing the weaker ones checks, on a
+    stronger CPU, the paths an AVX2-only or older CPU takes."""
+    run = _in_subprocess(CHECK_PACKED, ATEN_CPU_CAPABILITY=capability)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"CAPABILITY {capability.upper()}" in run.stdout
+    errors = [float(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("ERR")]
+    assert len(errors) == 3 and max(errors) <= 2e-2, errors
+
+
+@pytest.mark.skipif(cpu.kt().version is None or not cpu.has("avx2"), reason="needs kt-kernel and an AVX2 CPU")
+@pytest.mark.parametrize("threads", [1, None])
+def test_kt_avx2_build_is_right(threads):
+    """kt-kernel's `avx2` build, which AVX2-only CPUs load (any x86-64 CPU with AVX2 can run it):
+    its INT4 kernel alone (one thread) and beside the caller's torch share (all cores)."""
+    run = _in_subprocess(f"""
+        import sys; sys.path.insert(0, "tests")
+        from test_experts import int4_weights, reference, routes, rel_err, kt
+        from hybrid.experts import cpu
+        weights, dense = int4_weights()
+        backend = kt(weights, threads={threads})
+        print("KERNEL", cpu.kt().variant, backend.kt_class)
+        for tokens in (1, 7, 300):
+            x, ids, w = routes("distinct", tokens)
+            backend.submit(x, ids, w)
+            print("ERR", rel_err(backend.wait(), reference(dense, x.bfloat16(), ids, w)))
+    """, KT_KERNEL_CPU_VARIANT="avx2", ATEN_CPU_CAPABILITY="avx2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "KERNEL avx2 AVX2RawInt4_MOE" in run.stdout
+    errors = [float(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("ERR")]
+    assert len(errors) == 3 and max(errors) <= 2e-2, errors

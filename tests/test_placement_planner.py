@@ -86,14 +86,24 @@ def test_no_gpu_gives_a_cpu_only_plan():
 def test_fp8_model_on_amx_uses_int8_when_it_fits():
     assert plan(DEEPSEEK, describe(["4090"], "1TB", **XEON)).cpu.method == "amx_int8"
     assert plan(DEEPSEEK, describe(["4090"], "512GB", **XEON)).cpu.method == "amx_int4"
+
+def test_avx2_machines_run_int4_as_stored_on_kt():
+    """kt-kernel's AVX2 build runs INT4 in place and the runtime proves it at load, so an AVX2 CPU
+    gets kt; a float model runs as bf16 there (no AMX to quantize for)."""
     p = plan(TINY, describe([], "8GB", cores=4, isa="avx2"))
-    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("torch", "bf16", 3)
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("kt", "int4_kgroup", 3)
+    assert plan(DEEPSEEK, describe(["4090"], "2TB", cores=64, isa="avx2")).cpu.method == "bf16"
+    kimi = plan(KIMI, describe(["4090"], "1TB", cores=64, isa="avx2"))
+    assert (kimi.cpu.backend, kimi.cpu.method) == ("kt", "int4_kgroup")
+    a = KIMI.arch  # 4-bit values and a 4-byte scale per 32 (kt's fp32 copy), for gate, up and down
+    per_expert = 3 * a.hidden_size * a.moe_intermediate_size * (0.5 + 4 / 32)
+    assert KIMI.expert_host_bytes("int4_kgroup") == per_expert == 3 * 7168 * 2048 * 0.625
 
 
 @pytest.mark.parametrize("hw,pattern", [
-    (describe(["4090"], "256GB", **XEON), r"host RAM.*routed experts 531\.6 GiB.*256\.0 GiB: short by"),
+    (describe(["4090"], "256GB", **XEON), r"host RAM.*routed experts 590\.6 GiB.*256\.0 GiB: short by"),
     (describe(["16GB"], "1TB", **XEON), r"GPU-resident weights .* need 19\.6 GiB.*short by at least"),
-    (describe(["4090"], "1TB", cores=64, isa="avx2"), r"as bf16 on the torch backend.*short by"),
+    (describe(["4090"], "512GB", cores=64, isa="avx2"), r"as int4_kgroup on the kt backend.*short by"),
 ])
 def test_impossible_machines_are_refused_with_the_shortfall(hw, pattern):
     with pytest.raises(PlanError, match=pattern):

@@ -8,6 +8,10 @@ import torch
 import yaml
 
 from hybrid.api import load_model
+from hybrid.model.synthetic import write_checkpoint
+from placement.hardware import detect
+from placement.model_spec import ModelSpec
+from placement.planner import plan
 from placement.profile import Profile, ProfileError
 
 TINY_PROFILE = Path(__file__).parent.parent / "profiles" / "tiny_cpu_2core.yaml"
@@ -52,3 +56,20 @@ def test_runtime_refuses_an_invalid_profile_with_validate_messages(tiny_dir, tmp
 def test_runtime_refuses_a_profile_for_another_model(tiny_dir, variant_dir):
     with pytest.raises(ProfileError, match="model"):
         load_model(variant_dir("no_q_lora"), TINY_PROFILE)
+
+
+def test_a_plan_for_this_machine_is_what_the_runtime_runs(models_dir):
+    """plan -> profile -> runtime on this CPU: the expert backend and method the planner chose
+    for it are the ones the runtime runs, and the experts' host memory is within its budget."""
+    folder = write_checkpoint(models_dir / "wide_for_plan", seed=3, hidden_size=512, moe_intermediate_size=256,
+                              n_routed_experts=32, num_experts_per_tok=8)
+    spec = ModelSpec.from_config(folder / "config.json")
+    profile = plan(spec, detect())
+    model = load_model(folder, profile)
+    backends = [layer.mlp.experts.cpu for layer in model.model.model.layers if hasattr(layer.mlp, "experts")]
+    assert len(backends) == len(spec.arch.moe_layers)
+    for backend in backends:
+        assert (backend.name, backend.method) == (profile.cpu.backend, profile.cpu.method), backend.kernel
+    budget = len(backends) * spec.arch.n_routed_experts * spec.expert_host_bytes(profile.cpu.method)
+    held = sum(b.nbytes() for b in backends)
+    assert 0.85 * budget <= held <= budget, (held, budget)

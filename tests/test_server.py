@@ -15,7 +15,7 @@ import torch
 from hybrid.engine import EngineConfig
 from hybrid.server import openai_api
 from hybrid.server.app import create_app
-from hybrid.server.server_thread import ServerThread
+from hybrid.server.http_server import ServerThread
 from hybrid.server.serving import Serving
 from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_CALL_BEGIN, TOOL_CALL_END,
                                        TOOL_CALLS_BEGIN, TOOL_CALLS_END)
@@ -260,3 +260,4 @@ def test_metrics_exposes_the_serving_figures(server, client):
         assert f"hybrid_{name}" in text
     assert metric(server, "kv_pages_total") == KV_TOKENS // 16
     assert metric(server, "expert_wait_seconds_total") > 0 and metric(server, "forward_seconds_total") > 0
+

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from hybrid.engine.engine import Engine
@@ -23,6 +24,12 @@ from hybrid.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class AbortAll:
+    reason: str
+    error: str
 
 
 class EngineThread:
@@ -49,6 +56,10 @@ class EngineThread:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(request_id)
+
+    def abort_all(self, reason: str, error: str) -> None:
+        """End every request queued or running, each with `reason` and `error` (a shutdown)."""
+        self._inbox.put(AbortAll(reason, error))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -88,7 +99,11 @@ class EngineThread:
                     self._send(out)
 
     def _handle(self, command) -> None:
-        """A queued command: a request id (abort it) or (id, prompt ids, params, sink) (add it)."""
+        """A queued command: a request id (abort it), AbortAll, or (id, prompt ids, params, sink) (add it)."""
+        if isinstance(command, AbortAll):
+            for out in self.engine.abort_all(command.reason, command.error):
+                self._send(out)
+            return
         if isinstance(command, str):
             out = self.engine.abort(command)
             if out is not None:

@@ -56,6 +56,12 @@ def isa() -> dict[str, bool]:
     return {name: has(*need) for name, need in ISA.items()}
 
 
+def describe() -> str:
+    """The CPU in a few words: its model and strongest instruction set."""
+    best = next((name for name, ok in isa().items() if ok), "no AVX2")
+    return f"{_cpuinfo('model name') or 'unknown CPU'}, {best}"
+
+
 def native_variant() -> str | None:
     """The strongest kt-kernel build this CPU can execute."""
     runnable = [name for name, need in VARIANTS if has(*need)]
@@ -149,7 +155,6 @@ def report() -> list[tuple[str, str]]:
     rows += [(name, "yes" if ok else "no") for name, ok in isa().items()]
     rows += [("kt-kernel", status.version or "not installed"),
              ("kt-kernel build", f"{status.variant or '-'} (best this CPU runs: {native_variant() or 'none'})"),
-             ("expert backend", "kt-kernel" if status.usable else f"torch, because {status.reason}"),
              ("cores", f"{len(cores)} physical, {len(usable_cpus())} logical usable"),
              ("expert threads", f"{len(cores)}: kt-kernel on cores {cores[:-1]}, the caller's share on core {cores[-1]}"
               if len(cores) > 1 else f"1: kt-kernel on core {cores[0]}"),

@@ -21,6 +21,7 @@ How kt-kernel runs a task, and what follows from it:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -39,6 +40,7 @@ from hybrid.atomic import atomic_dir
 from hybrid.experts import cpu
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
+from placement.model_spec import expert_bytes_held
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ IN_PLACE = ("AVX2RawInt4_MOE",)  # reads the weight tensors at every forward
 KT_OVER_TORCH = {"AMXInt4_KGroup_MOE": 1.4, "AVX2RawInt4_MOE": 0.45, "AMXInt8_MOE": 1.6, "AMXInt4_MOE": 2.8,
                  "AMXBF16_MOE": 0.85, "AVX2BF16_MOE": 0.85}
 ALIGN = {"AMXInt4_MOE": 128}  # hidden and intermediate sizes must divide by this, else by 64 (else a crash)
+MIN_EXPERTS = {"AMXInt4_KGroup_MOE": 8}  # fewer experts in a layer crash it (seen with 4 to 7)
 DEFAULT_CACHE = Path("~/.cache/hybrid/kt")
 
 
@@ -172,8 +175,17 @@ class Pool:
 _POOLS: dict[tuple[int, ...], Pool] = {}
 
 
+def _silence_at_exit() -> None:
+    """kt-kernel's pools print "Goodbye" to stdout as they are destroyed at exit: keep it out of
+    the output of whatever ran."""
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+
+
 def pool(cores: list[int]) -> Pool:
     key = tuple(cores)
+    if not _POOLS:
+        atexit.register(_silence_at_exit)
     if key not in _POOLS:
         _POOLS[key] = Pool(cores)
     return _POOLS[key]
@@ -260,26 +272,33 @@ class KTExperts:
         from kt_kernel import kt_kernel_ext
 
         assert max_len % 64 == 0, "kt's tiles need max_len divisible by 64"
-        self.method, self.kernel = resolve(method, weights.format)
+        self.method, self.kt_class = resolve(method, weights.format)
         cores = cpu.expert_cores(threads)
         self.threads, self.pool = len(cores), pool(cores)
-        size, unit = weights.intermediate_size, ALIGN.get(self.kernel, 64) * self.pool.subpools
+        size, unit = weights.intermediate_size, ALIGN.get(self.kt_class, 64) * self.pool.subpools
         if weights.hidden_size % unit or size % unit:
-            raise Unsupported(f"{self.kernel} takes hidden and intermediate sizes divisible by {unit} (it crashes on "
+            raise Unsupported(f"{self.kt_class} takes hidden and intermediate sizes divisible by {unit} (it crashes on "
                               f"others); these experts are {weights.hidden_size} x {size}")
+        if weights.num_experts < MIN_EXPERTS.get(self.kt_class, 1):
+            raise Unsupported(f"{self.kt_class} crashes on layers of fewer than {MIN_EXPERTS[self.kt_class]} experts; "
+                              f"this one has {weights.num_experts}")
         self.hidden_size, self.top_k, self.max_len = weights.hidden_size, top_k, max_len
-        share = share_rows(size, unit, self.kernel, self.pool.threads) if self.pool.caller_core is not None else 0
+        share = share_rows(size, unit, self.kt_class, self.pool.threads) if self.pool.caller_core is not None else 0
         self.rows, self.share = size - share, None
         if share:
             part = slice_rows(weights, self.rows, size)
             self.share = PackedInt4Experts(part) if PackedInt4Experts.fits(part) else TorchExperts(part, torch.bfloat16)
+        self.kernel = f"kt-kernel {cpu.kt().variant} {self.kt_class}" + (
+            f" with {self.share.kernel} on the caller's core" if self.share is not None else "")
+        self._copied = weights.num_experts * expert_bytes_held(self.method, self.hidden_size, self.rows,
+                                                               weights.group_size)
         self._mask = torch.zeros(weights.num_experts, dtype=torch.bool)  # experts kt skips: none
         self._order = torch.arange(weights.num_experts, dtype=torch.int64)  # kt's expert order: ours
         cfg = kt_kernel_ext.moe.MOEConfig(weights.num_experts, top_k, self.hidden_size, self.rows,
                                           self._mask.data_ptr())
         cfg.layer_idx, cfg.pool, cfg.max_len = layer, self.pool.cpu.backend_, max_len
         with self._source(cfg, weights, layer, Path(cache_dir or DEFAULT_CACHE)), _quiet():
-            self.moe = getattr(kt_kernel_ext.moe, self.kernel)(cfg)
+            self.moe = getattr(kt_kernel_ext.moe, self.kt_class)(cfg)
             self.pool.cpu.submit(self.moe.load_weights_task(self._order.data_ptr()))
             self.pool.cpu.sync()
         self._pending = None
@@ -291,7 +310,7 @@ class KTExperts:
         self._keep: list[torch.Tensor] = []
         entry = None
         if self.method in QUANTIZED:
-            entry = cache_entry(cache_dir, layer, self.kernel, weights, self.rows, self.pool.subpools)
+            entry = cache_entry(cache_dir, layer, self.kt_class, weights, self.rows, self.pool.subpools)
             if entry.valid():
                 cfg.load, cfg.path = True, str(entry.folder)
                 yield
@@ -309,7 +328,7 @@ class KTExperts:
         else:
             tensors = [t.to(torch.bfloat16).contiguous() for t in (w.gate, w.up, w.down)]
             cfg.gate_proj, cfg.up_proj, cfg.down_proj = (t.data_ptr() for t in tensors)
-        if self.kernel in IN_PLACE:
+        if self.kt_class in IN_PLACE:
             self._keep = tensors
         if entry is None:
             yield
@@ -317,6 +336,11 @@ class KTExperts:
         with entry.writing() as folder:
             cfg.save, cfg.path = True, str(folder)
             yield
+
+    def nbytes(self) -> int:
+        """Host memory this backend holds: kt's copy of its rows and the caller's share."""
+        kt = sum(t.nbytes for t in self._keep) if self.kt_class in IN_PLACE else self._copied
+        return kt + (self.share.nbytes() if self.share is not None else 0)
 
     def submit(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         assert self._pending is None, "wait() before the next submit()"

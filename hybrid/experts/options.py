@@ -16,12 +16,14 @@ class ExpertOptions:
     are quantized on load to `amx_int8` or `amx_int4`, or run as `bf16`; `auto` picks the first for
     INT4 weights and `amx_int8` for float ones. threads: cores for expert work (default: every
     usable physical core). cache_dir: where quantized float experts are kept between runs
-    (default ~/.cache/hybrid/kt)."""
+    (default ~/.cache/hybrid/kt). self_check: prove each kernel against the float reference on
+    this CPU before it serves, and fall back past one that disagrees (on by default)."""
 
     backend: str = "auto"
     method: str = "auto"
     threads: int | None = None
     cache_dir: Path | None = None
+    self_check: bool = True
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

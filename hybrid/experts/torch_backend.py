@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.experts.weights import ExpertWeights
-from hybrid.model.quant import dequantize_int4
+from hybrid.model.quant import dequantize_int4, unpack_int4
 
 
 class TorchExperts:
@@ -27,6 +27,8 @@ class TorchExperts:
     def __init__(self, weights: ExpertWeights, dtype: torch.dtype = torch.float32):
         self.weights = weights
         self.dtype = dtype
+        self.method = "int4_kgroup" if weights.format == "int4" else "bf16"
+        self.kernel = f"torch dequantize + {str(dtype)[6:]} matmul"
         self._pool: ThreadPoolExecutor | None = None  # made on first submit; forward() alone needs none
         self._pending: Future | None = None
 
@@ -39,6 +41,10 @@ class TorchExperts:
     def wait(self) -> torch.Tensor:
         pending, self._pending = self._pending, None
         return pending.result()
+
+    def nbytes(self) -> int:
+        """Host memory this backend holds."""
+        return self.weights.nbytes()
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's gate, up, down as `dtype` matrices."""
@@ -85,7 +91,9 @@ class PackedInt4Experts(TorchExperts):
 
     def __init__(self, weights: ExpertWeights):
         assert self.fits(weights), "INT4 weights on the CPU in sizes the kernel takes"
-        super().__init__(None, torch.bfloat16)
+        super().__init__(weights, torch.bfloat16)
+        self.weights = None  # only the packed copy is kept
+        self.kernel = f"torch int4pack_mm ({torch.backends.cpu.get_cpu_capability()})"
         w, self.group, self.size = weights, weights.group_size, weights.intermediate_size
         self.packed = [(_pack(torch.cat((w.gate[e], w.up[e])), torch.cat((w.gate_scale[e], w.up_scale[e]))),
                         _pack(w.down[e], w.down_scale[e])) for e in range(w.num_experts)]
@@ -96,6 +104,9 @@ class PackedInt4Experts(TorchExperts):
         return (weights.format == "int4" and weights.gate.device.type == "cpu" and g in (32, 64, 128, 256)
                 and h % 64 == 0 and h % g == 0 and i % 32 == 0 and i % g == 0)
 
+    def nbytes(self) -> int:
+        return sum(t.nbytes for pair in self.packed for op in pair for t in op)
+
     def mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         (gate_up, gate_up_sz), (down, down_sz) = self.packed[e]
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -105,12 +116,9 @@ class PackedInt4Experts(TorchExperts):
 
 def _pack(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 [N, K/8] (stored values 0..15, low nibble first) + scale [N, K/group] -> the CPU int4
-    kernel's operands. Its layout, per block of 64 rows: byte [k, d] holds row d (low nibble) and
-    row d + 32 (high) of column k."""
-    b = packed.contiguous().view(torch.uint8)
-    values = torch.stack((b & 0xF, b >> 4), -1).flatten(-2)  # [N, K]
-    n, k = values.shape
-    blocks = values.view(n // 64, 2, 32, k)
-    weight = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+    kernel's operands. torch lays the weight out per CPU capability (AVX-512, AVX2 and the default
+    path differ), so its own converter builds it, in the process that will run it."""
+    values = unpack_int4(packed).to(torch.int32) + 8  # [N, K], as stored
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
     s = scale.T.to(torch.bfloat16)
     return weight, torch.stack((s, torch.zeros_like(s)), -1).contiguous()

@@ -82,11 +82,16 @@ class MLA(nn.Module):
         return F.softmax(scores, dim=-1, dtype=torch.float32)
 
     def _expanded(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
-        kv = self.kv_b_proj(latent).view(-1, self.n_heads, self.nope + self.v_dim)
+        """Per-head keys and values from the latents, then torch's fused attention (a flash
+        kernel on the CPU too: no [heads, q, ctx] scores in memory)."""
+        ctx = latent.shape[0]
+        kv = self.kv_b_proj(latent).view(ctx, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-        scores = torch.einsum("qhd,khd->hqk", q_nope, k_nope) + torch.einsum("qhr,kr->hqk", q_rope, k_rope)
-        probs = self._softmax(scores * self.scale).to(v.dtype)
-        return torch.einsum("hqk,khd->qhd", probs, v)
+        q = torch.cat((q_nope, q_rope), -1).transpose(0, 1)
+        k = torch.cat((k_nope, k_rope[:, None].expand(ctx, self.n_heads, self.rope_dim)), -1).transpose(0, 1)
+        mask = self._mask(q.shape[1], ctx, q.device)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+        return out.transpose(0, 1)
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)

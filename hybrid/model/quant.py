@@ -27,9 +27,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [..., n / 8] -> signed int8 values in [-8, 7], shape [..., n]."""
-    u = (packed.to(torch.int32).unsqueeze(-1) >> _SHIFTS) & 0xF
-    return (u - 8).to(torch.int8).reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+    """int32 [..., n / 8] -> signed int8 values in [-8, 7], shape [..., n]. Read as bytes: in a
+    little-endian int32, byte j holds values 2j (low nibble) and 2j + 1 (high)."""
+    b = packed.to(torch.int32).contiguous().view(torch.uint8)
+    return (torch.stack((b & 0xF, b >> 4), -1).flatten(-2).view(torch.int8) - 8)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,6 @@ into input_tokens and cache_read_input_tokens, and message_stop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from typing import AsyncIterator
@@ -27,7 +25,7 @@ from hybrid.server.anthropic_schema import (CountTokensRequest, CountTokensRespo
                                             MessagesRequest, Usage)
 from hybrid.server.errors import APIError, register_error_format
 from hybrid.server.reply import ReplyParser
-from hybrid.server.serving import Serving, until_disconnected
+from hybrid.server.serving import Serving, until_disconnected, with_silences
 from hybrid.server.sse import sse, sse_response
 from hybrid.server.thinking_signature import ThinkingSigner
 from hybrid.server.tool_ids import next_call_index, reply_tool_ids
@@ -96,7 +94,7 @@ async def messages(body: MessagesRequest, request: Request):
             yield sse({"type": "message_start", "message": start.model_dump()}, "message_start")
             token_ids: list[int] = []
             try:
-                async for out in _with_pings(outputs):
+                async for out in with_silences(outputs, PING_SECONDS):
                     if out is None:
                         yield sse({"type": "ping"}, "ping")
                         continue
@@ -150,29 +148,6 @@ def _sampling(s: Serving, body: MessagesRequest, conversation: Conversation, pro
             params.logits_processors.append(GrammarProcessor(s.tokenizer, grammar, budget))
         except GrammarError as e:
             raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
-    elif conversation.thinking and body.thinking.budget_tokens:
-        params.logits_processors.append(ThinkingBudget(s.tokenizer, body.thinking.budget_tokens))
+    elif conversation.thinking and conversation.thinking_budget:
+        params.logits_processors.append(ThinkingBudget(s.tokenizer, conversation.thinking_budget))
     return params
-
-
-async def _with_pings(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput | None]:
-    """The outputs, with None after every PING_SECONDS of silence. Closing this closes `outputs`."""
-    it = aiter(outputs)
-    pending = asyncio.ensure_future(anext(it))
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=PING_SECONDS)
-            if not done:
-                yield None
-                continue
-            try:
-                out = pending.result()
-            except StopAsyncIteration:
-                return
-            yield out
-            pending = asyncio.ensure_future(anext(it))
-    finally:
-        pending.cancel()
-        with contextlib.suppress(BaseException):
-            await pending
-        await it.aclose()

@@ -2,11 +2,13 @@
 (tool results as `tool` messages, assistant reasoning in `reasoning_content`), function tools, and
 the thinking switches; checked on the way, each fault a 400 naming its field.
 
-Thinking is on for `enabled` and `adaptive`, off otherwise and whenever the reply is constrained
-(tool_choice forcing a call, or `output_config.format` asking for JSON).
-Earlier turns' reasoning reaches the prompt only with `preserve` (as the chat template decides) and
-only when its signature verifies. Images and non-text documents become a short placeholder: the
-model reads text.
+Thinking is on for `enabled` and `adaptive`, off otherwise, for `output_config.effort` `low`, and
+whenever the reply is constrained (tool_choice forcing a call, or `output_config.format` asking for
+JSON); effort `medium` caps it at a quarter of max_tokens. Earlier turns' reasoning reaches the
+prompt only when its signature verifies, when `context_management`'s `clear_thinking` edit keeps
+that turn, and then as the chat template decides (all of it with `preserve`). `system` messages
+inside the conversation are system turns where they stand. Images and non-text documents become a
+short placeholder: the model reads text.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 import jsonschema
 
-from hybrid.server.anthropic_schema import (CountTokensRequest, DocumentBlock, ImageBlock, MessagesRequest,
-                                            RedactedThinkingBlock, TextBlock, ThinkingBlock, ToolResultBlock,
-                                            ToolUseBlock)
+from hybrid.server.anthropic_schema import (ClearThinking, CountTokensRequest, DocumentBlock, ImageBlock,
+                                            MessagesRequest, RedactedThinkingBlock, TextBlock, ThinkingBlock,
+                                            ToolResultBlock, ToolUseBlock)
 from hybrid.server.errors import APIError
 from hybrid.server.thinking_signature import ThinkingSigner
 
@@ -36,6 +38,7 @@ class Conversation:
     preserve: bool
     forced: dict[str, dict] = field(default_factory=dict)  # tools a forced call may use: name -> input schema
     answer_schema: dict | None = None  # the JSON schema a structured answer must satisfy
+    thinking_budget: int | None = None  # the most reasoning tokens, when bounded
 
 
 def read_conversation(body: CountTokensRequest, signer: ThinkingSigner) -> Conversation:
@@ -55,7 +58,9 @@ def read_conversation(body: CountTokensRequest, signer: ThinkingSigner) -> Conve
         if name not in schemas:
             raise APIError(400, f"tool_choice names the tool {name!r}, which is not in tools", param="tool_choice.name")
         forced = {name: schemas[name]}
-    thinking = body.thinking is not None and body.thinking.type != "disabled"
+    effort = body.output_config.effort if body.output_config else None
+    thinking = body.thinking is not None and body.thinking.type != "disabled" and effort != "low"
+    budget = None
     if isinstance(body, MessagesRequest) and body.thinking is not None and body.thinking.type == "enabled":
         budget = body.thinking.budget_tokens
         if budget is None:
@@ -64,6 +69,8 @@ def read_conversation(body: CountTokensRequest, signer: ThinkingSigner) -> Conve
         if budget >= body.max_tokens:
             raise APIError(400, f"thinking.budget_tokens ({budget}) must be less than max_tokens ({body.max_tokens})",
                            param="thinking.budget_tokens")
+    if isinstance(body, MessagesRequest) and effort == "medium":
+        budget = min(budget or body.max_tokens, max(1, body.max_tokens // 4))
     tools = [] if choice == "none" else [
         {"type": "function", "function": {"name": t.name, "description": t.description or "",
                                           "parameters": t.input_schema}} for t in client_tools]
@@ -72,18 +79,36 @@ def read_conversation(body: CountTokensRequest, signer: ThinkingSigner) -> Conve
     fmt = body.output_config.format if body.output_config else None
     answer_schema = fmt.schema_ if fmt else None
     return Conversation(messages, tools, thinking and not forced and answer_schema is None,
-                        bool(body.thinking and body.thinking.preserve), forced, answer_schema)
+                        bool(body.thinking and body.thinking.preserve), forced, answer_schema, budget)
+
+
+def _reasoning_kept(body: CountTokensRequest) -> set[int]:
+    """Indices of the assistant messages whose reasoning may reach the prompt, after the
+    `clear_thinking` edit (every one without it)."""
+    turns = [i for i, m in enumerate(body.messages) if m.role == "assistant"]
+    for edit in body.context_management.edits if body.context_management else []:
+        if isinstance(edit, ClearThinking) and edit.keep != "all":
+            turns = turns[-edit.keep.value:] if edit.keep.value else []
+    return set(turns)
 
 
 def _messages(body: CountTokensRequest, signer: ThinkingSigner) -> list[dict]:
     out: list[dict] = []
     called: set[str] = set()
+    kept = _reasoning_kept(body)
     for i, message in enumerate(body.messages):
+        if message.role == "system":
+            for j, block in enumerate(message.content):
+                if not isinstance(block, TextBlock):
+                    raise APIError(400, f"messages.{i}.content.{j}: a system message holds text blocks only, "
+                                        f"not {block.type}", param=f"messages.{i}.content.{j}.type")
+            out.append({"role": "system", "content": "\n".join(b.text for b in message.content)})
+            continue
         if message.role == "assistant":
             text, reasoning, calls = [], [], []
             for block in message.content:
                 if isinstance(block, ThinkingBlock):
-                    if signer.verify(block.thinking, block.signature):
+                    if i in kept and signer.verify(block.thinking, block.signature):
                         reasoning.append(block.thinking)
                 elif isinstance(block, ToolUseBlock):
                     called.add(block.id)

@@ -73,7 +73,10 @@ ContentBlock = Annotated[Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBloc
 
 
 class Message(Request):
-    role: Literal["user", "assistant"]
+    """`system` messages in the conversation (Claude Code's `mid-conversation-system` beta) hold
+    text only, and are rendered as system turns where they stand."""
+
+    role: Literal["user", "assistant", "system"]
     content: list[ContentBlock]
 
     @field_validator("content", mode="before")
@@ -116,9 +119,36 @@ class OutputFormat(Request):
 
 
 class OutputConfig(Request):
-    """Structured outputs: the answer is JSON valid against `format.schema`."""
+    """Structured outputs: the answer is JSON valid against `format.schema`. `effort` bounds the
+    reasoning: `low` answers without thinking, `medium` thinks for at most a quarter of max_tokens,
+    `high` and `max` as the thinking settings allow."""
 
     format: OutputFormat | None = None
+    effort: Literal["low", "medium", "high", "max"] | None = None
+
+
+class ThinkingTurns(Request):
+    type: Literal["thinking_turns"]
+    value: int = Field(ge=0)
+
+
+class ClearThinking(Request):
+    """Reasoning of all but the last `keep` assistant turns is left out of the prompt (default:
+    the last turn's is kept; "all" keeps every turn's)."""
+
+    type: Literal["clear_thinking_20251015"]
+    keep: Literal["all"] | ThinkingTurns = ThinkingTurns(type="thinking_turns", value=1)
+
+
+class ClearToolUses(Request):
+    """Accepted; this server does not clear tool results (a prompt that does not fit its context
+    is refused with the limit instead)."""
+
+    type: Literal["clear_tool_uses_20250919"]
+
+
+class ContextManagement(Request):
+    edits: list[Annotated[Union[ClearThinking, ClearToolUses], Field(discriminator="type")]] = []
 
 
 class CountTokensRequest(Request):
@@ -129,6 +159,7 @@ class CountTokensRequest(Request):
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
+    context_management: ContextManagement | None = None
 
     @field_validator("system", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException
 
@@ -15,7 +15,7 @@ from hybrid.server.errors import APIError, error_response, install_error_handler
 from hybrid.server.serving import Serving
 
 MAX_BODY_BYTES = 32 << 20
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/", "/health")  # "/": clients' reachability probe (Claude Code sends HEAD / with no key)
 
 
 def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -33,6 +33,10 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
     app.include_router(openai_api.router)
     anthropic_api.install(app)
 
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root():
+        return Response()
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": serving.model_name}
@@ -46,7 +50,7 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
 
 class APIKey:
-    """Refuse (401) any request but /health without the key, as `Authorization: Bearer KEY` or
+    """Refuse (401) any request but the open paths without the key, as `Authorization: Bearer KEY` or
     `x-api-key: KEY` (Anthropic's clients)."""
 
     def __init__(self, app, key: str):

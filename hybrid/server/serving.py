@@ -3,6 +3,8 @@ rendering a conversation into prompt ids, and running a request with its metrics
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ from hybrid.server.errors import APIError
 from hybrid.server.metrics import Metrics
 from hybrid.tokenizer import Tokenizer
 from placement.profile import Profile
+
+DISCONNECT_POLL_S = 0.1
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Serving:
                     m.cached_tokens += out.num_cached_tokens
                     if reason == "error":
                         raise APIError(500, out.error or "the engine failed")
+                    if reason == "shutdown":
+                        raise APIError(503, out.error or "the server is shutting down")
                 yield out
         finally:
             m.requests[reason] += 1
@@ -112,12 +118,39 @@ def kimi_tool_ids(messages: list[dict]) -> list[dict]:
     return out
 
 
-async def until_disconnected(request, outputs: AsyncIterator) -> AsyncIterator:
-    """Outputs for a non-streamed response; stops (aborting the generation) if the client leaves."""
+async def with_silences(items: AsyncIterator, seconds: float) -> AsyncIterator:
+    """The items, with None after every `seconds` without one. Closing this closes `items`."""
+    it = aiter(items)
+    pending = asyncio.ensure_future(anext(it))
     try:
-        async for item in outputs:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=seconds)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(it))
+    finally:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+        await it.aclose()
+
+
+async def until_disconnected(request, outputs: AsyncIterator) -> AsyncIterator:
+    """Outputs for a non-streamed response. The client is watched while the model is silent too
+    (reading a long prompt yields nothing for minutes): if it leaves, the generation is aborted
+    within DISCONNECT_POLL_S and its pages freed."""
+    ticks = with_silences(outputs, DISCONNECT_POLL_S)
+    try:
+        async for item in ticks:
             if await request.is_disconnected():
                 raise APIError(499, "the client closed the connection")
-            yield item
+            if item is not None:
+                yield item
     finally:
-        await outputs.aclose()
+        await ticks.aclose()

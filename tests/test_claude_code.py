@@ -1,0 +1,85 @@
+"""The real Claude Code CLI against `hybrid serve`: a pinned release from the npm registry, driven
+as a user drives it (`claude -p`, then `--continue`), against the server started by its command.
+
+The model is the tiny preset rewired to reason and answer a fixed text (tests/scripted.py), since
+Claude Code asks again until a turn ends. Claude Code changes often: a release that sends
+something the server refuses fails here with the server's message, which names the field."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scripted import write_scripted
+from served import Served
+
+VERSION = "2.1.197"
+KEY = "cc-test-key"
+REASONING, ANSWER = "Fine.", "Hello there!"
+CACHE = Path.home() / ".cache" / "hybrid" / "npm"
+
+pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")),
+                                reason="needs Node.js and npm, to install and run Claude Code")
+
+
+@pytest.fixture(scope="module")
+def claude() -> Path:
+    """The pinned CLI, installed once into a cache folder (written aside, then renamed)."""
+    folder = CACHE / f"claude-code-{VERSION}"
+    binary = folder / "node_modules" / ".bin" / "claude"
+    if not binary.exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        run = subprocess.run(["npm", "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--loglevel=error",
+                              f"@anthropic-ai/claude-code@{VERSION}"], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"npm could not install Claude Code {VERSION}:\n{run.stderr[-3000:]}"
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.startswith(VERSION), version.stdout + version.stderr
+    return binary
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_dir, tmp_path_factory) -> Path:
+    return write_scripted(tiny_dir, tmp_path_factory.mktemp("scripted") / "model", REASONING, ANSWER)
+
+
+@pytest.fixture(scope="module")
+def served(scripted, tmp_path_factory):
+    server = Served(scripted, tmp_path_factory.mktemp("serve") / "serve.log", KEY)
+    yield server
+    server.stop()
+
+
+def ask(claude: Path, served: Served, home: Path, *args: str) -> dict:
+    """One `claude -p` run in a project folder of its own, as a user on this machine runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update(HOME=str(home), ANTHROPIC_BASE_URL=served.url, ANTHROPIC_AUTH_TOKEN=KEY,
+               CLAUDE_CODE_MAX_OUTPUT_TOKENS="64", DISABLE_TELEMETRY="1", DISABLE_AUTOUPDATER="1",
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_ERROR_REPORTING="1")
+    project = home / "project"
+    project.mkdir(exist_ok=True)
+    run = subprocess.run([str(claude), "-p", *args, "--output-format", "json"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert run.stdout.strip(), f"Claude Code printed nothing:\n{run.stderr[-3000:]}\n{served.text()[-3000:]}"
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["is_error"] is False, f"Claude Code {VERSION}: {result.get('result')}\n{served.text()[-3000:]}"
+    return result
+
+
+def test_claude_code_prints_an_answer_and_continues_the_conversation(claude, served, tmp_path):
+    first = ask(claude, served, tmp_path, "Say hello")
+    assert first["result"] == ANSWER and first["stop_reason"] == "end_turn"
+    # the second turn sends the first one back: its thinking block with this server's signature
+    second = ask(claude, served, tmp_path, "--continue", "And once more")
+    assert second["result"] == ANSWER and second["session_id"] == first["session_id"]
+    assert second["usage"]["cache_read_input_tokens"] > 0.9 * first["usage"]["input_tokens"]
+    seen = served.requests()
+    assert sum(1 for m, p, _ in seen if m == "POST" and p.startswith("/v1/messages")) >= 2, seen
+    refused = [r for r in seen if r[2] >= 400]
+    assert not refused, f"the server refused some of Claude Code's requests: {refused}\n{served.text()[-3000:]}"
