@@ -75,7 +75,7 @@ def ask(claude: Path, served: Served, home: Path, *args: str) -> dict:
 def test_claude_code_prints_an_answer_and_continues_the_conversation(claude, served, tmp_path):
     first = ask(claude, served, tmp_path, "Say hello")
     assert first["result"] == ANSWER and first["stop_reason"] == "end_turn"
-    # the second turn sends the first one back: its thinking block with this server's signature
+    # the second turn resends the first one; its shared prefix comes from the cache
     second = ask(claude, served, tmp_path, "--continue", "And once more")
     assert second["result"] == ANSWER and second["session_id"] == first["session_id"]
     assert second["usage"]["cache_read_input_tokens"] > 0.9 * first["usage"]["input_tokens"]
