@@ -1,7 +1,3 @@
-import json
-import socket
-import time
-
 import pytest
 import torch
 
@@ -52,30 +48,3 @@ def token_ids(tok, *pieces):
     """Ids written out by hand: special tokens by name, everything else plain text."""
     return [i for p in pieces for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
 
-
-def pages_and_running(serving) -> tuple[int, int]:
-    """KV pages held by requests, and requests running, as the engine has them."""
-    engine = serving.engine.engine
-    return engine.pages.num_used, len(engine.scheduler.running)
-
-
-def leave_mid_request(serving, url: str, path: str, body: dict, headers: dict) -> float:
-    """Send a non-streamed request over a raw connection, close it once the engine runs it (the
-    prompt still being read), and return the seconds until its pages and running slot are freed."""
-    host, port = url.removeprefix("http://").split(":")
-    baseline = pages_and_running(serving)
-    data = json.dumps(body).encode()
-    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Type": "application/json",
-                                                  "Content-Length": len(data)}.items())
-    conn = socket.create_connection((host, int(port)))
-    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode() + data)
-    deadline = time.monotonic() + 30
-    while pages_and_running(serving)[1] == baseline[1]:
-        assert time.monotonic() < deadline, "the request never ran"
-        time.sleep(0.005)
-    conn.close()
-    left = time.monotonic()
-    while pages_and_running(serving) != baseline:
-        assert time.monotonic() < left + 30, "the request was never cancelled"
-        time.sleep(0.005)
-    return time.monotonic() - left

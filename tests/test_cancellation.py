@@ -4,11 +4,12 @@ A non-streamed request is silent while the model reads its prompt (minutes for a
 big model): the client's departure must still cancel it at once, not at its first token."""
 
 import json
+import socket
+import time
 
 import httpx
 import pytest
 
-from conftest import leave_mid_request
 from hybrid.engine import EngineConfig
 from hybrid.server.app import create_app
 from hybrid.server.http_server import ServerThread
@@ -24,6 +25,34 @@ BODIES = {
     "/v1/messages": ({"model": "claude-sonnet-4-5", "max_tokens": 4000, "messages": [{"role": "user", "content": LONG}]},
                      {"x-api-key": KEY}),
 }
+
+
+def pages_and_running(serving) -> tuple[int, int]:
+    """KV pages held by requests, and requests running, as the engine has them."""
+    engine = serving.engine.engine
+    return engine.pages.num_used, len(engine.scheduler.running)
+
+
+def leave_mid_request(serving, url: str, path: str, body: dict, headers: dict) -> float:
+    """Send a non-streamed request over a raw connection, close it once the engine runs it (the
+    prompt still being read), and return the seconds until its pages and running slot are freed."""
+    host, port = url.removeprefix("http://").split(":")
+    baseline = pages_and_running(serving)
+    data = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Type": "application/json",
+                                                  "Content-Length": len(data)}.items())
+    conn = socket.create_connection((host, int(port)))
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode() + data)
+    deadline = time.monotonic() + 30
+    while pages_and_running(serving)[1] == baseline[1]:
+        assert time.monotonic() < deadline, "the request never ran"
+        time.sleep(0.005)
+    conn.close()
+    left = time.monotonic()
+    while pages_and_running(serving) != baseline:
+        assert time.monotonic() < left + 30, "the request was never cancelled"
+        time.sleep(0.005)
+    return time.monotonic() - left
 
 
 @pytest.fixture(scope="module")
