@@ -47,3 +47,12 @@ def save(name: str, figures: dict, markdown: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown)
     return path
+
+
+def markdown(table) -> str:
+    """A rich Table as a markdown table under its title in bold."""
+    cols = [list(c.cells) for c in table.columns]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(str(c.header) for c in table.columns) + " |",
+             "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(col[i]) for col in cols) + " |" for i in range(table.row_count)]
+    return "\n".join(lines) + "\n"

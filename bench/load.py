@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
+from common import markdown, save  # noqa: E402
 
 CHILD = """
 import json, sys, time
@@ -57,8 +57,7 @@ def main() -> None:
            "<= 1.30x", r["experts"]]
     table.add_row(*row)
     console.print(table)
-    md = "| " + " | ".join(c.header for c in table.columns) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(row) + " |\n"
-    save(f"load_{args.preset}", {"disk_bytes": disk, **r, "rss_over_disk": ratio}, md)
+    save(f"load_{args.preset}", {"disk_bytes": disk, **r, "rss_over_disk": ratio}, markdown(table))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid.model import dense_kernel
 from hybrid.model.batch import ForwardBatch, KVCache
 from hybrid.model.checkpoint import Checkpoint
 from hybrid.model.config import ModelConfig
@@ -16,10 +17,11 @@ from hybrid.scheduler.stats import ActivationStats
 
 
 class HybridModel:
-    def __init__(self, model: DeepseekV3, folder: Path, placement: Placement):
+    def __init__(self, model: DeepseekV3, folder: Path, placement: Placement, dense_kernel: str = "torch"):
         self.model = model
         self.folder = folder
         self.placement = placement
+        self.dense_kernel = dense_kernel  # what runs the dense projections that live on the CPU
 
     @property
     def config(self) -> ModelConfig:
@@ -67,13 +69,15 @@ class HybridModel:
 
 def load_model(path: str | Path, profile=None, device: str | None = None,
                dtype: torch.dtype = torch.bfloat16, progress=None,
-               stats: ActivationStats | None = None) -> HybridModel:
+               stats: ActivationStats | None = None, dense: str | None = None) -> HybridModel:
     """Load a checkpoint folder.
 
     `profile` (a placement Profile, a path to one, or a runtime Placement) decides where each
     part runs; an invalid or mismatched profile is refused with every problem listed. Without
     one, every dense module goes to `device` (default cpu) and routed experts to the default CPU
     backend. `progress(done, total)` is called as MoE layers load; `stats` records routing.
+    `dense`: the kernel of the dense projections on the CPU (`torch` or `onednn`; default: the
+    fastest here, see hybrid/model/dense_kernel.py).
     """
     path = Path(path)
     ckpt = Checkpoint(path)
@@ -81,7 +85,8 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
     experts = ExpertBuilder(placement, ckpt.config, dtype, stats)
     model = build_model(ckpt, experts, dtype, progress, placement.device_of)
     ckpt.close()
-    return HybridModel(model, path, placement)
+    kernel = dense_kernel.pack(model, dense) if dtype == torch.bfloat16 else "torch"
+    return HybridModel(model, path, placement, kernel)
 
 
 def _placement(profile, folder: Path, device: str | None) -> Placement:

@@ -40,7 +40,7 @@ def bench(
     from rich.console import Console
 
     from hybrid.default_model import resolve_model
-    from hybrid.tuning import compare, profile_for
+    from hybrid.tuning import compare, parts, profile_for
 
     console = Console()
     folder = resolve_model(model, console.print)
@@ -48,6 +48,10 @@ def bench(
     with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
         table = compare(folder, p, prompt, decode)
     console.print(table)
+    with console.status("timing one decode step and one prefill by part, and this machine's floors"):
+        tables = parts(folder, p, prompt)
+    for t in tables:
+        console.print(t)
 
 
 def _load_serving(model: Path | None, profile: Path | None, name: str | None, console):

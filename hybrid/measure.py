@@ -53,3 +53,36 @@ def measure(model: HybridModel, prompt_tokens: int = 512, decode_tokens: int = 3
             expert_s += model.expert_wait_s() - waited
         token, pos = int(logits[0].argmax()), pos + 1
     return Speed(prompt_tokens, prefill_s, decode_tokens, decode_s, expert_s)
+
+
+def best_seconds(call, repeats: int = 5) -> float:
+    """The fastest of `repeats` calls, after one that warms up."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def host_gbps() -> float:
+    """Host memory read bandwidth with torch's threads: a sum over 1 GiB, the best of a few."""
+    a = torch.ones(2**28, dtype=torch.float32)
+    return a.nbytes / best_seconds(a.sum) / 1e9
+
+
+def gemm_tflops(size: int = 2048) -> dict[str, float]:
+    """TFLOP/s of a size^3 GEMM in each dense kernel the runtime can use here (bf16 and fp32
+    through torch, bf16 through oneDNN where it runs): the compute floor's peak is the best."""
+    from hybrid.model.dense_kernel import OneDNNLinear, supported
+
+    flops = 2 * size**3
+    a, w = torch.randn(size, size), torch.randn(size, size)
+    out = {"torch fp32": flops / best_seconds(lambda: a @ w.T, 3) / 1e12}
+    ab, wb = a.bfloat16(), w.bfloat16()
+    out["torch bf16"] = flops / best_seconds(lambda: ab @ wb.T, 3) / 1e12
+    if "onednn" in supported():
+        packed = OneDNNLinear(wb)
+        out["onednn bf16"] = flops / best_seconds(lambda: packed(ab), 3) / 1e12
+    return out

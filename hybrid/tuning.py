@@ -44,6 +44,24 @@ def compare(folder: Path, profile, prompt: int, decode: int) -> Table:
     return table
 
 
+def parts(folder: Path, profile, prompt: int) -> list:
+    """One decode step and one prefill of `prompt` tokens by part, each beside its floor measured
+    now on this machine (host bandwidth for decode, the best GEMM peak for prefill)."""
+    from hybrid import breakdown
+    from hybrid.measure import gemm_tflops, host_gbps
+
+    model = load_model(folder, profile)
+    gbps, peaks = host_gbps(), gemm_tflops()
+    decode = breakdown.decode_step(model)
+    decode.floor = breakdown.decode_floor(model, 128, gbps)
+    prefill = breakdown.prefill(model, prompt)
+    prefill.floor = breakdown.prefill_floor(model, prompt, max(peaks.values()))
+    best = max(peaks, key=peaks.get)
+    return [breakdown.table(decode, f"one decode step at context 128 (floor: bytes / {gbps:.1f} GB/s host read; "
+                                    f"dense kernel {model.dense_kernel})"),
+            breakdown.table(prefill, f"prefill of {prompt} tokens (floor: FLOPs / {peaks[best]:.3f} TFLOP/s, {best})")]
+
+
 def record(folder: Path, profile, prompts: list[str], out: Path, max_tokens: int = 32, progress=None) -> dict:
     """Run `prompts` (chat user turns) through the model and add their per-layer expert
     activation counts to the stats file `out` (created if missing; written atomically)."""

@@ -19,7 +19,14 @@ HOST_GBPS_PER_THREAD = 10.8  # one thread's host read bandwidth, measured on a 1
 HOST_GBPS_PER_NUMA_NODE = 200.0  # assumed: an 8-channel DDR5 socket at about 65% of peak
 KT_DECODE_GBPS_PER_THREAD = 6.0  # INT4 weights one kt-kernel worker streams at T = 1 (measured 5-7)
 CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of weights, 85 GB/s read
-TORCH_EFFICIENCY = 0.5  # assumed: plain torch matmuls on the CPU reach half the read bandwidth
+TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read bandwidth
+# Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
+# (hybrid/model/dense_kernel.py): oneDNN where the CPU has bf16 instructions, else torch's matmul.
+# Per kernel: the share of the host read bandwidth it reaches for one token (measured on the mini
+# preset, Zen 4), and bf16 GEMM FLOP/s per core (measured: Zen 4 0.2; AVX2 0.01, no bf16 units).
+DENSE_EFFICIENCY = {"onednn": 0.8, "torch": 0.5}
+DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
+CPU_MODULE_OVERHEAD_S = 0.3e-3  # per module on the CPU: its small ops and thread wake-ups (measured)
 PREFILL_TFLOPS_PER_THREAD = {  # expert FLOP/s per kt thread on long prompts
     "int4_kgroup": 1.0 / 15,  # RAWINT4, measured 1.0 TFLOP/s on 15 threads
     "amx_int4": 9.4 / 15,  # measured 9.4 TFLOP/s on 15 threads
@@ -45,6 +52,7 @@ class Figures:
     cpu_decode_gbps: float  # routed-expert weights per second at T = 1
     cpu_prefill_tflops: float  # routed-expert FLOP/s on long prompts
     torch_tflops: float  # dense modules placed on the CPU
+    dense_gbps: float = 0.0  # what dense modules on the CPU read per second for one token
 
 
 def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
@@ -58,13 +66,15 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
             else NO_AMX_TFLOPS_PER_THREAD
     else:
         decode, rate = host * TORCH_EFFICIENCY, NO_AMX_TFLOPS_PER_THREAD
-    torch_rate = (PREFILL_TFLOPS_PER_THREAD["bf16"] if cpu.has("amx") else NO_AMX_TFLOPS_PER_THREAD) * threads
+    isa = next((i for i in ("amx", "avx512_bf16") if cpu.has(i)), "avx2")
+    dense_kernel = "torch" if isa == "avx2" else "onednn"
     return Figures(
         gpu_gbps=tuple(m.gpu_gbps or t[1] * GPU_BW_EFFICIENCY for t in table),
         gpu_tflops=tuple(m.gpu_tflops or t[2] * GPU_FLOPS_EFFICIENCY for t in table),
         pcie_gbps=m.pcie_gbps or min((t[3] for t in table), default=25.0),
         host_gbps=host, cpu_decode_gbps=decode,
-        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads, torch_tflops=torch_rate,
+        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads,
+        torch_tflops=DENSE_TFLOPS_PER_THREAD[isa] * cpu.cores, dense_gbps=host * DENSE_EFFICIENCY[dense_kernel],
     )
 
 
@@ -81,9 +91,9 @@ class Breakdown:
 
     def module(self, device: str, nbytes: float, flops: float) -> float:
         if device == "cpu":
-            bandwidth = self.fig.host_gbps * TORCH_EFFICIENCY * 1e9
-            read = self.add("CPU modules: bytes / host bandwidth", nbytes / bandwidth)
-            return max(read, self.add("CPU modules: FLOPs / CPU peak", flops / (self.fig.torch_tflops * 1e12)))
+            read = self.add("CPU modules: bytes / host bandwidth", nbytes / (self.fig.dense_gbps * 1e9))
+            compute = self.add("CPU modules: FLOPs / CPU peak", flops / (self.fig.torch_tflops * 1e12))
+            return max(read, compute) + self.add("CPU modules: per-module overhead", CPU_MODULE_OVERHEAD_S)
         i = int(device.split(":")[1])
         read = self.add("GPU memory reads", nbytes / (self.fig.gpu_gbps[i] * 1e9))
         return max(read, self.add("GPU compute", flops / (self.fig.gpu_tflops[i] * 1e12)))

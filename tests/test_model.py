@@ -5,6 +5,7 @@ import torch
 
 from hybrid.api import load_model as _load_model
 from hybrid.experts import ExpertOptions
+from hybrid.model.batch import ForwardBatch
 from hybrid.model.synthetic import write_checkpoint
 from hybrid.scheduler.placement import Placement
 from reference import load_reference
@@ -69,3 +70,30 @@ def test_default_path_tracks_float32(shape, models_dir):
     fast = _load_model(folder).logits(ids)
     assert rel(fast, exact) <= 0.3
     assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.8
+
+
+def test_a_batch_of_decode_steps_equals_each_alone(tiny_dir):
+    """Decode rows of contexts of different lengths attend in one padded pass: the padding must
+    not leak into any of them."""
+    model = load_model(tiny_dir, dtype=torch.float32)
+    lengths, span = (5, 17, 9), 32
+    cache = model.new_cache(len(lengths) * span)
+    prompts = [prompt(model.config.vocab_size, n) for n in lengths]
+    slots = [torch.arange(i * span, i * span + n + 1) for i, n in enumerate(lengths)]
+    for ids, s in zip(prompts, slots):
+        model.model(ForwardBatch.single(ids, 0, s[:-1]), cache)
+    nxt = torch.tensor([7, 8, 9])
+    together = model.model(ForwardBatch(nxt, torch.tensor(lengths), [1, 1, 1], slots), cache)
+    for i, (n, s) in enumerate(zip(lengths, slots)):
+        alone = model.model(ForwardBatch.single(nxt[i:i + 1], n, s), cache)[0]
+        assert rel(together[i], alone) <= 1e-5, i
+
+
+def test_prefill_attention_in_blocks_of_queries_equals_one_block(tiny_dir, monkeypatch):
+    from hybrid.model import attention
+
+    model = load_model(tiny_dir, dtype=torch.float32)
+    ids = prompt(model.config.vocab_size, 40)
+    whole = model.logits(ids)
+    monkeypatch.setattr(attention, "SCORES_BYTES", 1)  # blocks of 16 queries: 3 blocks
+    assert rel(model.logits(ids), whole) <= 1e-6

@@ -9,6 +9,9 @@ How kt-kernel runs a task, and what follows from it:
 - A thread of normal priority spinning beside a compute thread halves it, in 4 ms scheduler
   ticks. So the pool's compute threads get N-1 cores, one each, and the queue thread is pinned to
   the last core at idle priority: it spins only when nothing else wants that core.
+- The compute threads spin ~50 ms after each task, longer than the dense layers between two MoE
+  layers take: at nice 19 they yield their cores to torch's threads at once (and torch's OpenMP
+  threads sleep when idle, see `hybrid/__init__.py`, so they give them back).
 - That core is the caller's: in `wait()` it computes the last rows of every expert's intermediate
   dimension with torch while kt computes the others, then blocks in `sync()`, which leaves the
   core to the queue thread. The split is fixed at load, sized by the kernels' relative speed.
@@ -105,12 +108,15 @@ def _quiet():
         os.close(saved)
 
 
-def _place(tid: int, core: int, idle: bool = False) -> None:
-    """Pin a thread to a core, at idle priority if asked; where the system refuses, it runs unpinned."""
+def _place(tid: int, core: int, idle: bool = False, nice: int = 0) -> None:
+    """Pin a thread to a core, at idle priority or the given niceness; where the system refuses,
+    it runs as it was."""
     try:
         os.sched_setaffinity(tid, {core})
         if idle:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
     except OSError as e:
         log.warning("could not place kt-kernel thread %d on core %d: %s", tid, core, e)
 
@@ -146,7 +152,7 @@ class Pool:
                 continue
             if name.startswith("numa_"):  # numa_<node>_m_<i> (thread 0 of a subpool) or numa_<node>_t_<i>
                 node, _, i = name[5:].split("_")
-                _place(tid, nodes[int(node)][int(i)])
+                _place(tid, nodes[int(node)][int(i)], nice=19)
             elif self.caller_core is not None:  # the queue thread
                 _place(tid, self.caller_core, idle=True)
                 with contextlib.suppress(OSError):

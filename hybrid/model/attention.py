@@ -6,9 +6,14 @@ heads; only those are cached. Two ways to attend to them, equal in exact arithme
   cheap when many queries share one context.
 - absorbed (decode): `kv_b_proj` is folded into the query and the output, so attention runs
   directly on the latents; cheap when few queries read a long context.
+`kv_b_proj` is held as its two halves, each contiguous per head (`w_uk` makes keys, `w_uv`
+values): both ways read them in place, where slices of the checkpoint's one matrix would be
+copied at every step.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,8 @@ from hybrid.model.rope import Rope, apply_rope
 
 # Above this many new tokens per sequence, expanding the latents beats absorbing the weights.
 ABSORB_MAX_QUERIES = 16
+# Scores of one block of queries (fp32, all heads) on the CPU: sized to stay in the caches' reach.
+SCORES_BYTES = 32 << 20
 
 
 class MLA(nn.Module):
@@ -40,8 +47,15 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.w_uk = nn.Parameter(torch.empty(self.n_heads, self.nope, self.rank), requires_grad=False)
+        self.w_uv = nn.Parameter(torch.empty(self.n_heads, self.v_dim, self.rank), requires_grad=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+
+    def load_kv_b(self, weight: torch.Tensor) -> None:
+        """Take the checkpoint's kv_b_proj [heads * (nope + v), rank] as its two halves."""
+        w = weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        self.w_uk = nn.Parameter(w[:, : self.nope].contiguous(), requires_grad=False)
+        self.w_uv = nn.Parameter(w[:, self.nope:].contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: Rope, cache: KVCache | None) -> torch.Tensor:
         n = x.shape[0]
@@ -56,19 +70,29 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
 
         out = torch.empty(n, self.n_heads, self.v_dim, dtype=x.dtype, device=x.device)
-        start = 0
-        for i, q_len in enumerate(batch.q_lens):
+        if cache is not None:
+            new = [slots[-q_len:] for slots, q_len in zip(batch.slots, batch.q_lens)]
+            cache.write(self.layer, torch.cat(new), latent, k_rope)
+        seqs, rows, index, mask = batch.single_queries  # decode: all in one pass over padded contexts
+        if seqs:
+            ctx_latent, ctx_rope = (t.to(x.dtype) for t in cache.read(self.layer, index))
+            rows = rows.to(x.device)
+            out[rows] = self._absorbed(q_nope[rows, None], q_rope[rows, None], ctx_latent, ctx_rope,
+                                       mask.to(x.device)[:, None])[:, 0]
+        for i, (start, q_len) in enumerate(zip(itertools.accumulate([0, *batch.q_lens]), batch.q_lens)):
+            if i in seqs:
+                continue
             rows = slice(start, start + q_len)
             if cache is None:
                 ctx_latent, ctx_rope = latent[rows], k_rope[rows]
             else:
-                slots = batch.slots[i]
-                cache.write(self.layer, slots[-q_len:], latent[rows], k_rope[rows])
-                ctx_latent, ctx_rope = cache.read(self.layer, slots)
-                ctx_latent, ctx_rope = ctx_latent.to(x.dtype), ctx_rope.to(x.dtype)
-            attend = self._absorbed if q_len <= ABSORB_MAX_QUERIES and cache is not None else self._expanded
-            out[rows] = attend(q_nope[rows], q_rope[rows], ctx_latent, ctx_rope)
-            start += q_len
+                ctx_latent, ctx_rope = (t.to(x.dtype) for t in cache.read(self.layer, batch.slots[i]))
+            mask = self._mask(q_len, ctx_latent.shape[0], x.device)
+            if q_len <= ABSORB_MAX_QUERIES and cache is not None:
+                out[rows] = self._absorbed(q_nope[None, rows], q_rope[None, rows], ctx_latent[None], ctx_rope[None],
+                                           mask[None])[0]
+            else:
+                out[rows] = self._expanded(q_nope[rows], q_rope[rows], ctx_latent, ctx_rope, mask)
         return self.o_proj(out.reshape(n, -1))
 
     def _mask(self, q_len: int, ctx_len: int, device) -> torch.Tensor:
@@ -76,28 +100,39 @@ class MLA(nn.Module):
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)[:, None]
         return torch.arange(ctx_len, device=device)[None, :] <= q_pos
 
-    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
-        q_len, ctx_len = scores.shape[-2:]
-        scores = scores.masked_fill(~self._mask(q_len, ctx_len, scores.device), float("-inf"))
-        return F.softmax(scores, dim=-1, dtype=torch.float32)
-
-    def _expanded(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
-        """Per-head keys and values from the latents, then torch's fused attention (a flash
-        kernel on the CPU too: no [heads, q, ctx] scores in memory)."""
-        ctx = latent.shape[0]
-        kv = self.kv_b_proj(latent).view(ctx, self.n_heads, self.nope + self.v_dim)
-        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+    def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Per-head keys and values from the latents, then attention: torch's fused kernel on a
+        GPU; on the CPU, blocks of queries through two bf16 GEMMs each (torch's CPU kernel falls
+        back to unfused math for MLA's unequal key and value widths, 4x slower)."""
+        ctx, h = latent.shape[0], self.n_heads
+        k_nope = F.linear(latent, self.w_uk.view(h * self.nope, self.rank)).view(ctx, h, self.nope)
+        v = F.linear(latent, self.w_uv.view(h * self.v_dim, self.rank)).view(ctx, h, self.v_dim).transpose(0, 1)
         q = torch.cat((q_nope, q_rope), -1).transpose(0, 1)
-        k = torch.cat((k_nope, k_rope[:, None].expand(ctx, self.n_heads, self.rope_dim)), -1).transpose(0, 1)
-        mask = self._mask(q.shape[1], ctx, q.device)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
-        return out.transpose(0, 1)
+        k = torch.cat((k_nope, k_rope[:, None].expand(ctx, h, self.rope_dim)), -1).transpose(0, 1)
+        if q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
+        out = torch.empty(q.shape[1], h, self.v_dim, dtype=q.dtype, device=q.device)
+        block = max(16, SCORES_BYTES // (h * ctx * 4))
+        for s in range(0, q.shape[1], block):
+            e = min(q.shape[1], s + block)
+            keys = int(mask[e - 1].nonzero().max()) + 1  # causal: later keys are masked for every query here
+            scores = torch.bmm(q[:, s:e], k[:, :keys].transpose(1, 2)) * self.scale
+            scores = scores.masked_fill(~mask[s:e, :keys], float("-inf"))
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+            out[s:e] = torch.bmm(probs, v[:, :keys]).transpose(0, 1)
+        return out
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
-        q_latent = torch.einsum("qhd,hdc->qhc", q_nope, w_uk)
-        scores = torch.einsum("qhc,kc->hqk", q_latent, latent) + torch.einsum("qhr,kr->hqk", q_rope, k_rope)
-        probs = self._softmax(scores * self.scale).to(latent.dtype)
-        out_latent = torch.einsum("hqk,kc->qhc", probs, latent)
-        return torch.einsum("qhc,hdc->qhd", out_latent, w_uv)
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """S sequences of q queries each: q_nope, q_rope [S, q, heads, .]; their contexts' latent and
+        k_rope [S, ctx, .]; mask [S, q, ctx] (True: attend). Returns [S, q, heads, v]. kv_b's halves
+        are read once for all S, whatever S is."""
+        s, q, h, _ = q_nope.shape
+        ctx = latent.shape[1]
+        q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(h, s * q, self.nope), self.w_uk)  # [h, s*q, rank]
+        q_latent = q_latent.view(h, s, q, self.rank).transpose(0, 1).reshape(s, h * q, self.rank)
+        scores = q_latent @ latent.transpose(1, 2)
+        scores += q_rope.permute(0, 2, 1, 3).reshape(s, h * q, self.rope_dim) @ k_rope.transpose(1, 2)
+        scores = (scores * self.scale).view(s, h, q, ctx).masked_fill(~mask[:, None], float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype).view(s, h * q, ctx)
+        out_latent = (probs @ latent).view(s, h, q, self.rank).permute(1, 3, 0, 2).reshape(h, self.rank, s * q)
+        return torch.bmm(self.w_uv, out_latent).view(h, self.v_dim, s, q).permute(2, 3, 0, 1)

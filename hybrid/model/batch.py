@@ -4,6 +4,7 @@ latents live in the KV cache."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,6 +29,21 @@ class ForwardBatch:
         n = input_ids.numel()
         positions = torch.arange(start, start + n, dtype=torch.long)
         return cls(input_ids.reshape(-1).long(), positions, [n], None if slots is None else [slots])
+
+    @cached_property
+    def single_queries(self) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences with one new token (decode steps), so that every layer attends for all of
+        them at once: their indices, their rows, and their contexts' slots padded to the longest
+        [S, C] with a mask [S, C] that is False on the padding."""
+        seqs = [i for i, q_len in enumerate(self.q_lens) if q_len == 1] if self.slots is not None else []
+        rows = torch.tensor(self.q_lens, dtype=torch.long).cumsum(0)[seqs] - 1
+        longest = max((len(self.slots[i]) for i in seqs), default=0)
+        index = torch.zeros(len(seqs), longest, dtype=torch.long)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.bool)
+        for row, i in enumerate(seqs):
+            index[row, : len(self.slots[i])] = self.slots[i]
+            mask[row, : len(self.slots[i])] = True
+        return seqs, rows, index, mask
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -55,6 +71,7 @@ class KVCache:
         data[slots.to(data.device)] = torch.cat([latent, k_rope], dim=-1).to(data)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and rope keys of `slots` (any shape: [C], or [S, C] for several contexts)."""
         data = self.layers[layer]
         kv = data[slots.to(data.device)]
-        return kv[:, : self.kv_lora_rank], kv[:, self.kv_lora_rank:]
+        return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]

@@ -34,6 +34,10 @@ def build_model(ckpt: Checkpoint, make_experts: ExpertFactory, dtype: torch.dtyp
         if ".mlp.experts." in name:
             continue
         module = name.removesuffix(".weight")
+        if module.endswith("kv_b_proj"):  # MLA keeps it as two halves, in the compute dtype
+            owner = model.get_submodule(module.rpartition(".")[0])
+            owner.load_kv_b(to_device(ckpt.weight(name, dtype), device_of(name)))
+            continue
         if ckpt.stored_format(module) == "fp8":  # stays FP8 where it lives
             w, s = (to_device(t, device_of(name)) for t in ckpt.fp8(module))
             owner, _, attr = module.rpartition(".")

@@ -1,0 +1,136 @@
+"""The CPU path end to end: one decode step and one prefill broken into parts, each beside its
+floor measured in the same run, for the runtime's default path and for the plain torch baseline;
+then batched decode.
+
+    python bench/cpu.py [--preset mini] [--context 128] [--prompt 2048] [--streams 16]
+
+Floors: decode = bytes each part reads per token, as held, / host read bandwidth (torch sum over
+1 GiB, all threads); prefill = FLOPs / the highest GEMM throughput among the dense kernels the
+runtime can use here (hybrid/measure.py). The baseline is the same model with its dense
+projections on torch's own bf16 matmul (`load_model(dense="torch")`); routed experts run on the
+default backend in both. Batched decode: one step of `streams` sequences at once, each at the
+same context, beside the single-stream step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown, save  # noqa: E402
+
+from hybrid import breakdown  # noqa: E402
+from hybrid.api import HybridModel, load_model  # noqa: E402
+from hybrid.default_model import preset_model  # noqa: E402
+from hybrid.experts import cpu  # noqa: E402
+from hybrid.measure import best_seconds, gemm_tflops, host_gbps  # noqa: E402
+from hybrid.model.batch import ForwardBatch  # noqa: E402
+from hybrid.model.dense_kernel import fastest  # noqa: E402
+
+
+def batched_step(hm: HybridModel, streams: int, context: int) -> float:
+    """Seconds of one decode step of `streams` sequences, each `context` tokens in (best of a few)."""
+    vocab, span = hm.config.vocab_size, context + 8
+    cache = hm.new_cache(streams * span)
+    ids = torch.randint(0, vocab, (streams * context,), generator=torch.Generator().manual_seed(1))
+    slots = [torch.arange(s * span, s * span + context) for s in range(streams)]
+    hm.model(ForwardBatch(ids, torch.arange(context).repeat(streams), [context] * streams, slots), cache)
+    step = ForwardBatch(torch.randint(0, vocab, (streams,)), torch.full((streams,), context), [1] * streams,
+                        [torch.arange(s * span, s * span + context + 1) for s in range(streams)])
+    return best_seconds(lambda: hm.model(step, cache), 3)
+
+
+def run(folder: Path, dense: str, args, bw: float, peak: float, console: Console) -> dict:
+    with console.status(f"loading {folder.name} with dense kernel {dense}"):
+        hm = load_model(folder, dense=dense)
+    with console.status(f"{dense}: decode step at context {args.context}"):
+        decode = breakdown.decode_step(hm, args.context)
+    with console.status(f"{dense}: prefill of {args.prompt} tokens"):
+        prefill = breakdown.prefill(hm, args.prompt)
+    with console.status(f"{dense}: decode step of {args.streams} streams"):
+        batched = batched_step(hm, args.streams, args.context)
+    decode.floor = breakdown.decode_floor(hm, args.context, bw)
+    prefill.floor = breakdown.prefill_floor(hm, args.prompt, peak)
+    batched_floor = sum(breakdown.decode_floor(hm, args.context, bw, args.streams).values())
+    experts = next(layer.mlp.experts for layer in hm.model.model.layers if hasattr(layer.mlp, "experts"))
+    out = {"dense": hm.dense_kernel, "experts": getattr(experts, "cpu", experts).kernel,
+           "decode": decode.to_json(), "prefill": prefill.to_json(),
+           "batched_ms": round(batched * 1e3, 2), "batched_floor_ms": round(batched_floor * 1e3, 2)}
+    del hm
+    gc.collect()
+    return out
+
+
+def parts_table(title: str, phase: str, base: dict, fast: dict) -> Table:
+    t = Table(title=title)
+    for col in ("part", "baseline ms", "runtime ms", "floor ms", "runtime x floor", "baseline x floor"):
+        t.add_column(col, justify="right" if col != "part" else "left")
+    floor = fast[phase]["floor_ms"]
+    for part in breakdown.PARTS + ("total",):
+        b = base[phase]["total_ms"] if part == "total" else base[phase]["ms"][part]
+        f = fast[phase]["total_ms"] if part == "total" else fast[phase]["ms"][part]
+        fl = fast[phase]["floor_total_ms"] if part == "total" else floor[part]
+        ratio = lambda x: f"{x / fl:.2f}" if fl > 1e-3 else ""  # noqa: E731
+        t.add_row(part, f"{b:,.2f}", f"{f:,.2f}", f"{fl:,.2f}", ratio(f), ratio(b),
+                  style="bold" if part == "total" else None)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--streams", type=int, default=16)
+    args = ap.parse_args()
+    console = Console()
+    folder = preset_model(args.preset, console.print)
+    with console.status("measuring host bandwidth and GEMM peaks"):
+        bw, gemm = host_gbps(), gemm_tflops()
+    peak = max(gemm.values())
+    console.print(f"{cpu.describe()}; torch threads {torch.get_num_threads()}; host read {bw:.1f} GB/s; GEMM peaks "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + " TFLOP/s")
+    start = time.time()
+    base = run(folder, "torch", args, bw, peak, console)
+    fast = run(folder, fastest(), args, bw, peak, console)
+    bw_after = host_gbps()
+    tables = [parts_table(f"decode step, context {args.context} ({fast['dense']} dense, {fast['experts']})",
+                          "decode", base, fast),
+              parts_table(f"prefill of {args.prompt} tokens", "prefill", base, fast)]
+    single = fast["decode"]["total_ms"]
+    batched = Table(title=f"batched decode: one step of {args.streams} streams")
+    for col in ("", "ms / step", "tok/s", "x one stream", "floor ms", "x floor"):
+        batched.add_column(col, justify="right")
+    for name, r in (("baseline", base), ("runtime", fast)):
+        one, many = r["decode"]["total_ms"], r["batched_ms"]
+        batched.add_row(f"{name}, 1 stream", f"{one:,.1f}", f"{1e3 / one:,.1f}", "1.00",
+                        f"{r['decode']['floor_total_ms']:,.1f}", f"{one / r['decode']['floor_total_ms']:.2f}")
+        batched.add_row(f"{name}, {args.streams} streams", f"{many:,.1f}", f"{args.streams * 1e3 / many:,.1f}",
+                        f"{args.streams * one / many:.2f}", f"{r['batched_floor_ms']:,.1f}",
+                        f"{many / r['batched_floor_ms']:.2f}")
+    tables.append(batched)
+    for t in tables:
+        console.print(t)
+    figures = {"preset": args.preset, "context": args.context, "prompt": args.prompt, "streams": args.streams,
+               "host_gbps": round(bw, 2), "host_gbps_after": round(bw_after, 2),
+               "gemm_tflops": {k: round(v, 4) for k, v in gemm.items()}, "cpu": cpu.describe(),
+               "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
+               "baseline": base, "runtime": fast, "decode_tok_s": round(1e3 / single, 2),
+               "prefill_tok_s": round(args.prompt * 1e3 / fast["prefill"]["total_ms"], 2)}
+    md = (f"{cpu.describe()}; torch threads {torch.get_num_threads()}; host read {bw:.1f} GB/s before, "
+          f"{bw_after:.1f} after; GEMM peaks " + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + " TFLOP/s\n\n")
+    for t in tables:
+        md += markdown(t) + "\n"
+    console.print(f"saved {save(f'cpu_{args.preset}', figures, md)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Dense projections on the CPU in the kernel this CPU runs fastest, measured once per process.
+
+torch's own bf16 matmul reads a weight at about half the memory bandwidth when one token passes
+(a decode step, where every dense weight is read once and the time is bytes / bandwidth). oneDNN,
+given the weight once in its blocked layout, reads it at close to the bandwidth and multiplies
+large batches at the CPU's bf16 peak, on CPUs with bf16 instructions. Which one wins is timed on
+a weight larger than the caches, not assumed from the instruction set; both compute in fp32 from
+the checkpoint's bf16 weights, so the choice changes speed, not results beyond rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("torch", "onednn")
+
+
+class OneDNNLinear(nn.Module):
+    """A bias-free bf16 Linear whose weight oneDNN holds in its own layout (reordered once)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # opaque to everything but oneDNN; as `weight` it still tells its dtype, device and size
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=onednn bf16"
+
+
+def supported() -> tuple[str, ...]:
+    """The kernels that run here: oneDNN's bf16 path needs bf16 instructions (AVX512-BF16 or AMX)."""
+    return KERNELS if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("torch",)
+
+
+@functools.cache
+def fastest(rows: int = 8192, cols: int = 4096) -> str:
+    """The kernel that runs a one-token projection of a rows x cols bf16 weight (64 MiB: beyond the
+    caches) fastest here; the best of a few calls each."""
+    kernels = supported()
+    if len(kernels) == 1:
+        return kernels[0]
+    weight = torch.randn(rows, cols).to(torch.bfloat16)
+    x = torch.randn(1, cols).to(torch.bfloat16)
+    best = {}
+    for kernel in kernels:
+        f = OneDNNLinear(weight) if kernel == "onednn" else functools.partial(F.linear, weight=weight)
+        f(x)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            f(x)
+            times.append(time.perf_counter() - start)
+        best[kernel] = min(times)
+    return min(best, key=best.get)
+
+
+def pack(model: nn.Module, kernel: str | None = None) -> str:
+    """Put every bias-free bf16 `nn.Linear` of `model` that lives on the CPU on `kernel` (default:
+    the fastest here). Returns the kernel used."""
+    kernel = kernel or fastest()
+    if kernel not in supported():
+        raise ValueError(f"dense kernel {kernel!r} does not run on this CPU; choose one of {', '.join(supported())}")
+    if kernel == "torch":
+        return kernel
+    for name, module in list(model.named_modules()):
+        if (type(module) is nn.Linear and module.bias is None and module.weight.device.type == "cpu"
+                and module.weight.dtype == torch.bfloat16):
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, OneDNNLinear(module.weight))
+    return kernel
