@@ -47,3 +47,19 @@ def save(name: str, figures: dict, markdown: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown)
     return path
+
+
+def report(name: str, title: str, rows: list[tuple[str, str, str]], figures: dict, console) -> Path:
+    """Print (measure, value, note) rows as a table and save them with the figures (see `save`)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col, justify in (("measure", "left"), ("value", "right"), ("note", "left")):
+        table.add_column(col, justify=justify)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    md = "| measure | value | note |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    path = save(name, figures, md)
+    console.print(f"saved {path} and {path.with_suffix('.json')}")
+    return path
