@@ -56,3 +56,18 @@ def markdown(table) -> str:
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(col[i]) for col in cols) + " |" for i in range(table.row_count)]
     return "\n".join(lines) + "\n"
+
+
+def report(name: str, title: str, rows: list[tuple[str, str, str]], figures: dict, console) -> Path:
+    """Print (measure, value, note) rows as a table and save them with the figures (see `save`)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col, justify in (("measure", "left"), ("value", "right"), ("note", "left")):
+        table.add_column(col, justify=justify)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    path = save(name, figures, markdown(table))
+    console.print(f"saved {path} and {path.with_suffix('.json')}")
+    return path

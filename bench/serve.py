@@ -24,10 +24,9 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
+from common import report as report_rows  # noqa: E402
 
 from hybrid.default_model import preset_model  # noqa: E402
 from hybrid.tokenizer import Tokenizer  # noqa: E402
@@ -182,15 +181,7 @@ def report(r: dict, preset: str, console: Console) -> None:
                   f"{100 * p['ratio']:.1f}% of cold (target <= {100 * TARGET:.0f}%)")]
     rows.append(("routed experts' share of forward time", f"{100 * r['expert_s'] / r['forward_s']:.0f}%",
                  f"{r['expert_s']:.0f} of {r['forward_s']:.0f} s, whole run"))
-    table = Table(title=f"Serving the {preset} preset over HTTP (loopback)")
-    for col, justify in (("measure", "left"), ("value", "right"), ("note", "left")):
-        table.add_column(col, justify=justify)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    md = "| measure | value | note |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
-    path = save(f"serve_{preset}", r, md)
-    console.print(f"saved {path} and {path.with_suffix('.json')}")
+    report_rows(f"serve_{preset}", f"Serving the {preset} preset over HTTP (loopback)", rows, r, console)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,13 @@ class HybridModel:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    def moe_experts(self) -> list:
+        """Each MoE layer's routed-expert executor (a HybridExperts), in layer order."""
+        return [layer.mlp.experts for layer in self.model.model.layers if hasattr(layer.mlp, "experts")]
+
     def expert_wait_s(self) -> float:
         """Seconds the model has spent waiting for routed experts, over all MoE layers."""
-        return sum(layer.mlp.experts.wait_s for layer in self.model.model.layers if hasattr(layer.mlp, "experts"))
+        return sum(experts.wait_s for experts in self.moe_experts())
 
     def new_cache(self, num_slots: int) -> KVCache:
         cfg = self.config

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from hybrid.model.checkpoint import check_folder
 from hybrid.model.synthetic import write_checkpoint
 
 DEFAULT_PRESET = "tiny"
@@ -26,5 +27,6 @@ def preset_model(preset: str = DEFAULT_PRESET, say: Callable[[str], None] = prin
 
 
 def resolve_model(model: str | Path | None, say: Callable[[str], None] = print) -> Path:
-    """`model` if given, else the default preset."""
-    return Path(model) if model else preset_model(DEFAULT_PRESET, say)
+    """`model` if given (checked to be a checkpoint folder: a CheckpointError says what is
+    missing), else the default preset."""
+    return check_folder(model) if model else preset_model(DEFAULT_PRESET, say)

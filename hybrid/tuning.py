@@ -11,6 +11,15 @@ from hybrid.api import load_model
 from hybrid.measure import measure
 
 
+def with_proven_backend(hw):
+    """`hw`, this machine's CPU, with the expert backend that proves itself here (the default
+    path's choice, which `hybrid doctor` shows), so a plan for this machine runs as planned."""
+    from hybrid.experts import default_kernel
+
+    hw.cpu.expert_backend = default_kernel()[0].name
+    return hw
+
+
 def profile_for(folder: Path, path: Path | None):
     """The profile at `path` (checked against the checkpoint), or a plan for this machine."""
     from placement.hardware import detect
@@ -20,7 +29,7 @@ def profile_for(folder: Path, path: Path | None):
 
     if path is not None:
         return Profile.load(path, model=folder)
-    return plan(ModelSpec.from_config(folder), detect())
+    return plan(ModelSpec.from_config(folder), with_proven_backend(detect()))
 
 
 def compare(folder: Path, profile, prompt: int, decode: int) -> Table:

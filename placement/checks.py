@@ -7,18 +7,27 @@ from placement.model_spec import Arch
 from placement.profile import LAYER_GROUPS, PROFILE_VERSION, Problem, Profile
 
 
-def check(p: Profile, checkpoint: Arch | None = None) -> list[Problem]:
+def check(p: Profile, checkpoint: Arch | None = None, broken: set[str] = frozenset()) -> list[Problem]:
+    """Every problem, in one pass. `broken`: dotted paths of the fields that failed the schema
+    (reported already); the checks that read them are left out, every other one runs."""
+    def have(*parts: str) -> bool:
+        return not any(b == p or b.startswith(p + ".") or p.startswith(b + ".") for b in broken for p in parts)
+
     out: list[Problem] = []
-    if p.version != PROFILE_VERSION:
+    if have("version") and p.version != PROFILE_VERSION:
         out.append(Problem("version", f"{p.version} is not supported (this build reads version {PROFILE_VERSION})",
                            f"re-plan with this build, or set version: {PROFILE_VERSION} if the file follows it"))
-    _model(p, checkpoint, out)
-    layout_ok = _devices(p, out)
-    experts_ok = _experts(p, out, layout_ok)
-    _cpu(p, out)
-    _kv(p, out)
-    _prefill_decode(p, out, layout_ok)
-    if layout_ok and experts_ok:
+    if have("model"):
+        _model(p, checkpoint, out)
+    layout_ok = have("model", "hardware.gpus", "devices") and _devices(p, out)
+    experts_ok = have("model", "gpu_experts") and _experts(p, out, layout_ok)
+    if have("model", "hardware.cpu", "cpu"):
+        _cpu(p, out)
+    if have("model", "kv_cache"):
+        _kv(p, out)
+    if have("model", "hardware.gpus", "prefill", "decode"):
+        _prefill_decode(p, out, layout_ok)
+    if layout_ok and experts_ok and not broken:
         _memory(p, out)
     return out
 
@@ -54,14 +63,17 @@ def _devices(p: Profile, out: list) -> bool:
     fields += [(f"devices.layers.{i}.{g}", getattr(r, g)) for i, r in enumerate(p.devices.layers) for g in LAYER_GROUPS]
     ok = all([_device(p, path, value, out) for path, value in fields])  # a list: report every one
     n = p.model.num_hidden_layers
-    cover = [0] * n
+    cover, ranges_ok = [0] * n, True
     for i, r in enumerate(p.devices.layers):
         if r.first > r.last or r.last >= n:
             out.append(Problem(f"devices.layers.{i}", f"range {r.first}-{r.last} is not within layers 0-{n - 1}",
                                f"use first <= last <= {n - 1}"))
-            return False
+            ranges_ok = False
+            continue
         for layer in range(r.first, r.last + 1):
             cover[layer] += 1
+    if not ranges_ok:  # coverage means nothing until every range is within the model
+        return False
     for what, bad in (("are in no range", [i for i, c in enumerate(cover) if c == 0]),
                       ("are in more than one range", [i for i, c in enumerate(cover) if c > 1])):
         if bad:

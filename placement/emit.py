@@ -25,14 +25,21 @@ def _command(program: str, flags: list[tuple[str, object]], notes: list[str]) ->
     return "\n".join(lines)
 
 
+SGLANG_KT = "sglang-kt"  # kvcache-ai's SGLang build with kt-kernel's --kt-* options (KTransformers' install docs)
+
+
 def sglang(p: Profile, model_dir: str = "MODEL_DIR") -> str:
-    """`python -m sglang.launch_server` with kt-kernel's --kt-* flags (kvcache-ai's SGLang fork)."""
+    """`python -m sglang.launch_server` with kt-kernel's --kt-* flags, which only kvcache-ai's SGLang
+    build (`pip install sglang-kt`, as KTransformers documents) has."""
     if not p.hardware.gpus:
         return "# SGLang with kt-kernel needs at least one GPU; this plan has none (use `hybrid serve`)."
     notes = [f"SGLang + kt-kernel for the placement of {p.model.name} (same totals; SGLang splits layers "
-             "across GPUs by tensor parallel, not by range)."]
+             "across GPUs by tensor parallel, not by range).",
+             f"The --kt-* options exist only in kvcache-ai's SGLang build: `pip install {SGLANG_KT}` (uninstall "
+             "the official `sglang` first), with kt-kernel."]
     if p.cpu.backend != "kt":
-        notes.append("kt-kernel's MoE kernels need AVX-512, which this CPU lacks: this command will not run here.")
+        notes.append("kt-kernel does not run on this plan's CPU (its experts run on the torch backend): this "
+                     "command will not run there.")
     weights = model_dir
     if p.cpu.method != "int4_kgroup":
         weights = "CPU_WEIGHTS_DIR"
@@ -69,6 +76,7 @@ def llamacpp(p: Profile, spec: ModelSpec, gguf: str = "MODEL.gguf") -> str:
         for r in p.devices.layers:
             counts[r.attention] = counts.get(r.attention, 0) + r.last - r.first + 1
         flags.append(("--tensor-split", ",".join(str(counts[d]) for d in sorted(counts) if d != "cpu")))
+    batch = min(p.prefill.chunk_tokens, 4096)  # llama.cpp caps the micro-batch (-ub) at the batch (-b)
     flags += [("-c", kv.context_length * kv.concurrency), ("-np", kv.concurrency), ("-t", p.cpu.threads),
-              ("-ub", min(p.prefill.chunk_tokens, 4096)), ("-fa", "on")]
+              ("-b", batch), ("-ub", batch), ("-fa", "on")]
     return _command("llama-server", flags, notes)

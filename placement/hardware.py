@@ -12,11 +12,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from typing import Literal
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from placement.errors import PlacementError
 
 GIB = 1 << 30
 ISA_LEVELS = ("amx", "avx512_bf16", "avx512", "avx2")  # strongest first; each implies the ones after it
+
+
+class HardwareError(PlacementError):
+    """A machine description or option the planner cannot read."""
 
 
 class GPU(BaseModel):
@@ -36,6 +44,9 @@ class CPU(BaseModel):
     cores: int = Field(ge=1)  # physical cores
     numa_nodes: int = Field(default=1, ge=1)
     isa: list[str] = Field(default_factory=list)  # subset of ISA_LEVELS
+    # The CPU expert backend that proved itself on this machine (`hybrid doctor` shows it); unset
+    # for a described machine, where kt-kernel is assumed wherever there is AVX2.
+    expert_backend: Literal["kt", "torch"] | None = None
 
     def has(self, isa: str) -> bool:
         return isa in self.isa
@@ -82,9 +93,13 @@ class Hardware(BaseModel):
                       isa=isa_from(c.get("isa", [])))
             return cls(gpus=gpus, cpu=cpu, ram_gib=parse_gib(d["ram"]), measured=Measured(**d.get("measured", {})))
         except KeyError as e:
-            raise ValueError(f"{path}: missing {e.args[0]!r} (format in docs/placement.md)") from None
+            raise HardwareError(f"{path}: missing {e.args[0]!r} (format in docs/placement.md)") from None
         except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read a machine description ({e})") from None
+            raise HardwareError(f"{path}: cannot read a machine description ({e})") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise HardwareError(f"{path}: {'.'.join(map(str, err['loc']))} = {err.get('input')!r}: {err['msg']} "
+                                "(format in docs/placement.md)") from None
 
 
 # name fragment -> (memory GiB, memory GB/s, dense bf16 TFLOP/s, pinned PCIe GB/s); datasheet figures
@@ -114,9 +129,15 @@ def parse_gib(size: str | float) -> float:
         return float(size)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", size, re.IGNORECASE)
     if not m:
-        raise ValueError(f"cannot read size {size!r}; write it like 24GB, 768GB or 1TB")
+        raise HardwareError(f"cannot read size {size!r}; write it like 24GB, 768GB or 1TB")
     scale = {"": 1.0, "K": 1 / (1 << 20), "M": 1 / 1024, "G": 1.0, "T": 1024.0}[m.group(2).upper()]
-    return float(m.group(1)) * scale
+    try:
+        gib = float(m.group(1)) * scale
+    except ValueError:
+        raise HardwareError(f"cannot read size {size!r}; write it like 24GB, 768GB or 1TB") from None
+    if gib <= 0:
+        raise HardwareError(f"size {size!r} is not above zero; write it like 24GB, 768GB or 1TB")
+    return gib
 
 
 def gpu_from_spec(spec: str) -> GPU:
@@ -126,9 +147,9 @@ def gpu_from_spec(spec: str) -> GPU:
         return GPU(name=spec, memory_gib=gpu_figures(spec)[0])
     try:
         return GPU(name=name or "GPU", memory_gib=parse_gib(size))
-    except ValueError:
-        raise ValueError(f"cannot read GPU {spec!r}; write 24GB, a known model such as 4090 or h100, "
-                         "or NAME=SIZE") from None
+    except HardwareError:
+        raise HardwareError(f"cannot read GPU {spec!r}; write 24GB, a known model such as 4090 or h100, "
+                            "or NAME=SIZE") from None
 
 
 def isa_from(names: list[str] | str) -> list[str]:
@@ -136,7 +157,7 @@ def isa_from(names: list[str] | str) -> list[str]:
     names = [names] if isinstance(names, str) else names
     for n in names:
         if n not in ISA_LEVELS:
-            raise ValueError(f"unknown ISA {n!r}; use one of {', '.join(ISA_LEVELS)}")
+            raise HardwareError(f"unknown ISA {n!r}; use one of {', '.join(ISA_LEVELS)}")
     top = min((ISA_LEVELS.index(n) for n in names), default=len(ISA_LEVELS))
     return list(ISA_LEVELS[top:])
 
@@ -150,12 +171,43 @@ def describe(gpus: list[str] = (), ram: str = "64GB", cores: int = 8, numa: int 
 def resolve(file: str | Path | None = None, gpus: list[str] = (), no_gpu: bool = False, ram: str | None = None,
             cores: int | None = None, numa: int | None = None, isa: str | None = None, **measured) -> Hardware:
     """The machine to plan for: a description file, else this machine with any part replaced."""
+    for name, value in (("cores", cores), ("numa", numa), *measured.items()):
+        if value is not None and value <= 0:
+            raise HardwareError(f"{name} = {value}: must be above zero")
     hw = Hardware.load(file) if file else detect()
-    changed = {k: v for k, v in (("cores", cores), ("numa_nodes", numa), ("isa", isa and isa_from(isa))) if v}
+    changed = {k: v for k, v in (("cores", cores), ("numa_nodes", numa),
+                                 ("isa", None if isa is None else isa_from(isa))) if v is not None}
     cpu = hw.cpu.model_copy(update=changed | ({"name": "CPU"} if changed else {}))
-    figures = hw.measured.model_copy(update={k: v for k, v in measured.items() if v})
+    if cpu.numa_nodes > cpu.cores:
+        raise HardwareError(f"{cpu.numa_nodes} NUMA nodes for {cpu.cores} cores: give at most one node per core "
+                            "(--numa, --cores)")
+    figures = hw.measured.model_copy(update={k: v for k, v in measured.items() if v is not None})
     return Hardware(gpus=[] if no_gpu else [gpu_from_spec(g) for g in gpus] or hw.gpus, cpu=cpu,
                     ram_gib=parse_gib(ram) if ram else hw.ram_gib, measured=figures)
+
+
+def from_this_machine(hw: Hardware, file: str | Path | None = None, gpus: list[str] = (), no_gpu: bool = False,
+                      ram: str | None = None, cores: int | None = None, numa: int | None = None,
+                      isa: str | None = None) -> list[str]:
+    """The facts of `hw` (as `resolve` made it from the same arguments) that were read from this
+    machine rather than given, in words, each with the option that replaces it."""
+    if file:
+        return []
+    facts = []
+    if not gpus and not no_gpu:
+        names = ", ".join(f"{g.name} {g.memory_gib:g} GiB" for g in hw.gpus) or "none"
+        facts.append(f"GPUs {names} (--gpu, --no-gpu)")
+    if ram is None:
+        facts.append(f"{hw.ram_gib:g} GiB RAM (--ram)")
+    if cores is None:
+        facts.append(f"{hw.cpu.cores} cores (--cores)")
+    if numa is None:
+        facts.append(f"{hw.cpu.numa_nodes} NUMA node(s) (--numa)")
+    if isa is None:
+        facts.append(f"instruction set {hw.cpu.isa[0] if hw.cpu.isa else 'below avx2'} (--isa)")
+    if hw.cpu.expert_backend:
+        facts.append(f"expert backend {hw.cpu.expert_backend} (as `hybrid doctor` shows)")
+    return facts
 
 
 def detect() -> Hardware:

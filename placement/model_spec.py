@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from placement.errors import PlacementError
 
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "I32": 4, "F8_E4M3": 1}
 GROUPS = ("embed", "lm_head", "attention", "router", "shared", "dense")  # what a profile places
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(PlacementError):
     """A config.json the planner cannot size, naming the key at fault."""
 
 
@@ -67,35 +69,45 @@ class Arch(BaseModel):
             raise ModelSpecError(f"{file}: no such file") from None
         except json.JSONDecodeError as e:
             raise ModelSpecError(f"{file}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ModelSpecError(f"{file}: cannot read ({e.strerror})") from None
         default = path.name if path.is_dir() else (path.parent.name if path.name == "config.json" else path.stem)
-        return cls.from_dict(data, name or default or "model")
+        return cls.from_dict(data, name or default or "model", str(file))
 
     @classmethod
-    def from_dict(cls, data: dict, name: str = "model") -> Arch:
+    def from_dict(cls, data: dict, name: str = "model", source: str = "config.json") -> Arch:
+        if not isinstance(data, dict):
+            raise ModelSpecError(f"{source}: not a JSON object")
         nested = isinstance(data.get("text_config"), dict)
         text = data["text_config"] if nested else data
         q = text.get("quantization_config") or data.get("quantization_config") or {}
 
         def need(key: str):
             if text.get(key) is None:
-                raise ModelSpecError(f"config.json: missing required key '{key}'")
+                raise ModelSpecError(f"{source}: missing required key '{key}'")
             return text[key]
 
         quant, group, block = _quant(q)
-        return cls(
-            name=name, model_type=str(text.get("model_type", "deepseek_v3")), quant=quant,
-            vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
-            intermediate_size=need("intermediate_size"), moe_intermediate_size=need("moe_intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"), first_k_dense_replace=text.get("first_k_dense_replace", 0),
-            n_routed_experts=need("n_routed_experts"), num_experts_per_tok=need("num_experts_per_tok"),
-            n_shared_experts=text.get("n_shared_experts") or 0, num_attention_heads=need("num_attention_heads"),
-            q_lora_rank=text.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
-            qk_nope_head_dim=need("qk_nope_head_dim"), qk_rope_head_dim=need("qk_rope_head_dim"),
-            v_head_dim=need("v_head_dim"), max_position_embeddings=text.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(text.get("tie_word_embeddings", data.get("tie_word_embeddings", False))),
-            group_size=group, block_size=block, nextn_layers=text.get("num_nextn_predict_layers") or 0,
-            nested=nested,
-        )
+        try:
+            return cls(
+                name=name, model_type=str(text.get("model_type", "deepseek_v3")), quant=quant,
+                vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+                intermediate_size=need("intermediate_size"), moe_intermediate_size=need("moe_intermediate_size"),
+                num_hidden_layers=need("num_hidden_layers"), first_k_dense_replace=text.get("first_k_dense_replace", 0),
+                n_routed_experts=need("n_routed_experts"), num_experts_per_tok=need("num_experts_per_tok"),
+                n_shared_experts=text.get("n_shared_experts") or 0, num_attention_heads=need("num_attention_heads"),
+                q_lora_rank=text.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
+                qk_nope_head_dim=need("qk_nope_head_dim"), qk_rope_head_dim=need("qk_rope_head_dim"),
+                v_head_dim=need("v_head_dim"), max_position_embeddings=text.get("max_position_embeddings", 4096),
+                tie_word_embeddings=bool(text.get("tie_word_embeddings", data.get("tie_word_embeddings", False))),
+                group_size=group, block_size=block, nextn_layers=text.get("num_nextn_predict_layers") or 0,
+                nested=nested,
+            )
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(map(str, err["loc"]))
+            raise ModelSpecError(f"{source}: {key} = {err.get('input')!r}: {err['msg'].lower()} "
+                                 "(fix: correct it in config.json)") from None
 
     def digest(self) -> str:
         """Short digest of everything but the name: two checkpoints with equal hashes size alike."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from placement import cost
+from placement.errors import PlacementError
 from placement.hardware import Hardware
 from placement.memory import GIB, MIB, host_reserve, stream_buffer_bytes, usage, workspace_bytes
 from placement.model_spec import ModelSpec
@@ -36,7 +37,7 @@ PAGE_SIZE = 16  # the engine's page (and prefix-cache) granularity
 CHUNK_TOKENS = 4096
 
 
-class PlanError(ValueError):
+class PlanError(PlacementError):
     """This machine cannot run this model; the message says what is missing and by how much."""
 
 
@@ -75,17 +76,18 @@ class Request:
 
 def choose_cpu(spec: ModelSpec, hw: Hardware) -> CpuSection:
     """kt-kernel on any CPU with AVX2 (its builds cover AVX2, AVX-512 and AMX, and the runtime
-    proves each kernel at load): INT4 checkpoints run as stored, float and FP8 ones are
+    proves each kernel at load), unless the machine is known to run another backend (what
+    `hybrid doctor` found here): INT4 checkpoints run as stored, float and FP8 ones are
     re-quantized for AMX (int8 when all experts fit in RAM that way, else int4) or run as bf16.
     Without AVX2, the portable torch backend. Threads: every physical core but one, which the
     driving thread keeps (kt-kernel's sync spins)."""
     cpu, a = hw.cpu, spec.arch
     threads = max(1, cpu.cores - 1)
     pools = min(cpu.numa_nodes, threads)
-    backend = "kt" if cpu.has("avx2") else "torch"
+    backend = cpu.expert_backend or ("kt" if cpu.has("avx2") else "torch")
     if a.quant == "int4":
         return CpuSection(backend=backend, method="int4_kgroup", threads=threads, threadpools=pools)
-    if cpu.has("amx"):
+    if cpu.has("amx") and backend == "kt":
         int8 = len(a.moe_layers) * a.n_routed_experts * spec.expert_host_bytes("amx_int8")
         method = "amx_int8" if int8 + host_reserve(hw.ram_bytes) <= hw.ram_bytes else "amx_int4"
         return CpuSection(backend=backend, method=method, threads=threads, threadpools=pools)
@@ -269,11 +271,20 @@ def _check_host(p: Profile, spec: ModelSpec) -> None:
     u = usage(p, spec)["cpu"]
     if u.total <= u.budget:
         return
+    short = u.total - u.budget
+    fix = "Add RAM or GPU memory."
+    if p.cpu.method == "bf16" and not p.hardware.cpu.has("amx"):
+        # float experts are re-quantized only for AMX: on such a CPU they would take a quarter of this
+        n = len(spec.arch.moe_layers) * spec.arch.n_routed_experts - sum(map(len, p.gpu_experts.values()))
+        saved = n * (spec.expert_host_bytes("bf16") - spec.expert_host_bytes("amx_int4"))
+        if saved >= short:
+            fix = ("The CPU planned for has no AMX, so its experts run as bf16; on a CPU with AMX they are "
+                   "re-quantized to amx_int4 and fit (plan for one with --isa amx). Otherwise add RAM or GPU memory.")
     raise PlanError(f"the CPU side needs {u.total / GIB:.1f} GiB of host RAM (routed experts "
                     f"{u.experts / GIB:.1f} GiB as {p.cpu.method} on the {p.cpu.backend} backend, other weights "
                     f"{u.weights / GIB:.1f} GiB, "
                     f"KV {u.kv / GIB:.1f} GiB, {u.workspace / GIB:.1f} GiB kept for the system); this machine has "
-                    f"{u.budget / GIB:.1f} GiB: short by {(u.total - u.budget) / GIB:.1f} GiB. Add RAM or GPU memory.")
+                    f"{u.budget / GIB:.1f} GiB: short by {short / GIB:.1f} GiB. {fix}")
 
 
 def _choose(spec: ModelSpec, layers: list[int], slots: int, stats: Stats | None) -> dict[int, list[int]]:

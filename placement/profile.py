@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from placement.errors import PlacementError
 from placement.hardware import Hardware
 from placement.model_spec import Arch, ModelSpec, ModelSpecError
 
@@ -51,7 +52,7 @@ class Problem:
         return f"{self.path}: {self.message} (fix: {self.fix})"
 
 
-class ProfileError(ValueError):
+class ProfileError(PlacementError):
     """A profile that cannot be run; the message lists every problem."""
 
     def __init__(self, problems: list[Problem], source: str = "profile"):
@@ -174,16 +175,21 @@ class Profile(_Section):
         if not isinstance(data, dict):
             raise ProfileError([Problem("(file)", "is not a YAML mapping", "start from a profile that "
                                         "`hybrid plan --out` wrote")], source)
-        try:
-            profile = cls.model_validate(data)
-        except ValidationError as e:
-            raise ProfileError([_schema_problem(err) for err in e.errors()], source) from None
+        problems: list[Problem] = []
         try:
             checkpoint = Arch.from_config(model) if model else None
         except ModelSpecError as e:
-            raise ProfileError([Problem("--model", str(e), "give a checkpoint folder or its config.json")],
-                               source) from None
-        problems = profile.problems(checkpoint)
+            checkpoint = None
+            problems.append(Problem("--model", str(e), "give a checkpoint folder or its config.json"))
+        try:
+            profile, broken = cls.model_validate(data), set()
+        except ValidationError as e:
+            problems += [_schema_problem(err) for err in e.errors()]
+            broken = {".".join(map(str, err["loc"][:2])) for err in e.errors()}
+            profile = _parts(cls, data, broken)
+        from placement.checks import check
+
+        problems += check(profile, checkpoint, broken)  # what the parts that did parse say, in the same pass
         if problems:
             raise ProfileError(problems, source)
         return profile
@@ -230,6 +236,24 @@ class Profile(_Section):
 
     def spec(self) -> ModelSpec:
         return ModelSpec.from_arch(Arch(**self.model.model_dump(exclude={"config_hash"})))
+
+
+def _parts(model: type[BaseModel], data: dict, broken: set[str], prefix: str = ""):
+    """`model` built, without validation, from the fields of `data` that parse on their own (a
+    section with a broken field keeps its other fields); `broken` lists the dotted paths that did
+    not parse and gains those of missing required fields."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        path, value = prefix + name, data.get(name)
+        if path in broken or any(b.startswith(path + ".") for b in broken):
+            section = info.annotation
+            if not prefix and isinstance(value, dict) and isinstance(section, type) and issubclass(section, BaseModel):
+                fields[name] = _parts(section, value, broken, path + ".")
+        elif name in data:
+            fields[name] = TypeAdapter(info.annotation).validate_python(value)
+        elif info.is_required():
+            broken.add(path)
+    return model.model_construct(**fields)
 
 
 def _schema_problem(err: dict) -> Problem:

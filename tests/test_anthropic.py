@@ -328,6 +328,7 @@ def _with(body: dict, **changes) -> dict:
 
 
 GOOD = {"model": "m", "max_tokens": 8, "messages": HI}
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
 TOOL_TURN = [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                                                 "input": {"city": "Paris", "unit": "C"}}]}]
 
@@ -346,6 +347,13 @@ TOOL_TURN = [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu
      "messages.1.content.0"),
     (_with(GOOD, context_management={"edits": [{"type": "clear_everything_2099"}]}), "context_management"),
     (_with(GOOD, output_config={"effort": "extreme"}), "output_config.effort"),
+    (_with(GOOD, messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}]),
+     "messages.0.content.1"),
+    (_with(GOOD, messages=HI + TOOL_TURN + [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [IMAGE]}]}]), "messages.2.content.0.content.0"),
+    (_with(GOOD, messages=[{"role": "user", "content": [{"type": "document", "source": {
+        "type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}]}]), "messages.0.content.0"),
+    (_with(GOOD, top_k=2**70), "top_k"),
 ])
 def test_bad_requests_get_anthropic_errors_naming_the_field(server, client, body, field):
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY})
@@ -370,3 +378,51 @@ def test_error_shapes_per_api(server):
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(**GOOD)
 
+
+
+def test_images_are_refused_and_text_documents_read(client, serving, engine):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [IMAGE]}])
+    assert "an image, which this model cannot read: it reads text only" in e.value.message
+    doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sky is green."}}
+    client.messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [doc]}])
+    assert "The sky is green." in serving.tokenizer.decode(engine.prompts[-1])
+
+
+def test_streamed_usage_is_the_same_in_every_event(client):
+    """message_start already splits the prompt into computed and cached tokens as message_delta
+    and the final message do (the second request reads most of its prompt from the cache)."""
+    for _ in range(2):
+        final, events = stream(client, model="m", max_tokens=4, messages=HI, system="Be brief. " * 20)
+        start = next(e for e in events if e["type"] == "message_start")["message"]["usage"]
+        delta = next(e for e in events if e["type"] == "message_delta")["usage"]
+        for key in ("input_tokens", "cache_read_input_tokens"):
+            assert start[key] == delta[key] == getattr(final.usage, key)
+    assert start["cache_read_input_tokens"] > 0
+
+
+def test_thinking_defaults_per_api(server, serving, engine, client):
+    """Anthropic's convention on /v1/messages (no thinking unless asked), Moonshot's for Kimi on the
+    OpenAI endpoint (thinking unless turned off)."""
+    client.messages.create(model="m", max_tokens=2, messages=HI)
+    assert serving.tokenizer.decode(engine.prompts[-1]).endswith("<think></think>")
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    oai.chat.completions.create(model="tiny", messages=HI, max_tokens=2)
+    assert serving.tokenizer.decode(engine.prompts[-1]).endswith("<think>")
+    assert "thinking: on by default for /v1/chat/completions" in "\n".join(serving.summary())
+
+
+def test_the_api_is_also_under_anthropic_as_moonshot_serves_it(server, engine):
+    """A client set up for ANTHROPIC_BASE_URL=https://api.moonshot.ai/anthropic needs only the host."""
+    moonshot_style = anthropic.Anthropic(base_url=server.url + "/anthropic", api_key=KEY, max_retries=0)
+    m = moonshot_style.messages.create(model="kimi-k2.7-code", max_tokens=4, messages=HI)
+    assert m.type == "message" and m.content
+    final, _ = stream(moonshot_style, model="m", max_tokens=4, messages=HI)
+    assert final.usage.output_tokens > 0
+    counted = moonshot_style.messages.count_tokens(model="m", messages=HI).input_tokens
+    assert counted == len(engine.prompts[-1])
+    with pytest.raises(anthropic.BadRequestError) as e:
+        moonshot_style.messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [IMAGE]}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    missing = httpx.get(server.url + "/anthropic/v1/nothing", headers={"x-api-key": KEY})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"

@@ -23,6 +23,8 @@ from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_C
 KEY = "test-key"
 KV_TOKENS = 4096
 HI = [{"role": "user", "content": "Hello! What is the weather in Paris?"}]
+IMAGE_QUESTION = {"type": "text", "text": "What is in this picture?"}
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                              "parameters": {"type": "object",
                                                             "properties": {"city": {"type": "string"}}}}}]
@@ -233,6 +235,15 @@ def test_second_turn_is_served_from_the_prefix_cache(client, server):
     ({"model": "tiny", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "gpt-9", "messages": HI}, 404, "model"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "foo", "text": "x"}]}]}, 400,
+     "messages.0.content.0.type"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [IMAGE_QUESTION, IMAGE]}]}, 400,
+     "messages.0.content.1.type"),
+    ({"model": "tiny", "messages": HI + [{"role": "tool", "content": "18C"}]}, 400, "messages.1.tool_call_id"),
+    ({"model": "tiny", "messages": HI + [{"role": "tool", "tool_call_id": "call_x", "content": "18C"}]}, 400,
+     "messages.1.tool_call_id"),
+    ({"model": "tiny", "messages": HI, "seed": 2**70}, 400, "seed"),
+    ({"model": "tiny", "messages": HI, "top_k": 2**70}, 400, "top_k"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, None),
 ])
 def test_bad_requests_get_openai_errors(server, client, body, status, param):
@@ -244,6 +255,24 @@ def test_bad_requests_get_openai_errors(server, client, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert client.models.list().data  # still serving
+
+
+def test_refusals_say_what_to_change(client):
+    """What OpenAI's API refuses is refused here too, with a message a client developer can act on;
+    a non-text part is never silently dropped."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [IMAGE_QUESTION, IMAGE]}])
+    assert "type 'image_url'" in e.value.message and "reads text only" in e.value.message
+    assert e.value.body["code"] == "unsupported_content"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HI + [{"role": "tool", "content": "18C"}])
+    assert "needs the id of the tool call it answers" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hi", seed=2**64)
+    assert e.value.body["param"] == "seed"
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [IMAGE_QUESTION]}],
+                                       seed=2**63 - 1, n=2, temperature=1, max_tokens=2)
+    assert len(r.choices) == 2  # the largest seed, plus the choice index, still works
 
 
 def test_unknown_route_is_a_404_in_the_same_shape(server):

@@ -112,7 +112,9 @@ class EngineThread:
         request_id, prompt_ids, params, sink = command
         try:
             self.engine.add_request(prompt_ids, params, request_id)
-        except ValueError as e:
+        except Exception as e:  # this request's fault or not, the engine serves on
+            if not isinstance(e, ValueError):
+                log.exception("request %s refused", request_id)
             sink(RequestOutput(request_id, [], "", "error", len(prompt_ids), 0, 0, str(e)))
             return
         self._sinks[request_id] = sink

@@ -37,6 +37,8 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise ValueError("seed must fit in 64 bits")
 
     @property
     def greedy(self) -> bool:

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from hybrid.errors import UserError
 from hybrid.experts.weights import ExpertWeights
 from hybrid.model.config import ModelConfig
 from hybrid.model.quant import dequantize_fp8_block, dequantize_int4
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint we cannot read, naming the file and tensor at fault."""
 
 
@@ -65,21 +66,46 @@ def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, in
             prefix + "down_proj.weight": (hidden, inter)}
 
 
+# What a model folder holds besides its weights: (file, what it is)
+FOLDER_FILES = (("config.json", "the model's configuration"), ("tiktoken.model", "the tokenizer"),
+                ("tokenizer_config.json", "the tokenizer's special tokens and chat template"))
+
+
+def check_folder(folder: str | Path) -> Path:
+    """`folder` if it looks like a checkpoint this runtime reads (its files are checked as they
+    load); else a CheckpointError naming what is missing. Cheap: run it before anything slow."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such model folder (fix: give the folder of a Kimi K2-family "
+                              "checkpoint, or leave out --model for the built-in tiny model)")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (fix: give the checkpoint's folder, the one holding "
+                              "config.json)")
+    for name, what in FOLDER_FILES:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: no {name} ({what}) in this folder (fix: download the model's "
+                                  f"{name} beside its weights)")
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder}: no *.safetensors weights in this folder (fix: download the model's "
+                              "weights into it)")
+    return folder
+
+
 def _data_end(path: Path) -> int:
     """Bytes a safetensors file must have according to its own header."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path.name}: truncated (no safetensors header)")
+            raise CheckpointError(f"{path}: truncated (no safetensors header; fix: download it again)")
         (n,) = struct.unpack("<Q", raw)
         header = f.read(n)
     if len(header) < n:
-        raise CheckpointError(f"{path.name}: truncated safetensors header")
+        raise CheckpointError(f"{path}: truncated safetensors header (fix: download it again)")
     try:
         meta = json.loads(header)
         ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
+        raise CheckpointError(f"{path}: corrupt safetensors header (fix: download it again)") from None
     return 8 + n + max(ends, default=0)
 
 
@@ -112,9 +138,11 @@ class Checkpoint:
         for f in files:
             path = self.folder / f
             if not path.exists():
-                raise CheckpointError(f"{f}: shard listed in the index is missing from {self.folder}")
+                raise CheckpointError(f"{path}: missing, though model.safetensors.index.json lists it (fix: "
+                                      "download it)")
             if path.stat().st_size < _data_end(path):
-                raise CheckpointError(f"{f}: truncated ({path.stat().st_size} bytes, header needs {_data_end(path)})")
+                raise CheckpointError(f"{path}: truncated ({path.stat().st_size:,} bytes; its header needs "
+                                      f"{_data_end(path):,}; fix: download it again)")
         prefix = self.config.tensor_prefix
         out = {}
         for name, f in weight_map.items():

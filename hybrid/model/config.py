@@ -12,8 +12,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config.json we cannot run, with the key at fault."""
 
 
@@ -133,6 +135,23 @@ def _require(d: dict, key: str, source: str):
     return d[key]
 
 
+_MISSING = object()
+
+
+def _num(kind: type, d: dict, key: str, source: str, default=_MISSING, where: str = ""):
+    """d[key] as an int or a float (`default` when absent or null, else required); a value of
+    another type is refused naming the file and the key."""
+    value = d.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ConfigError(f"{source}: missing required key '{where}{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConfigError(f"{source}: {where}{key} = {value!r} is not {'an integer' if kind is int else 'a number'} "
+                          "(fix: correct it in config.json)")
+    return kind(value)
+
+
 def _check(cond: bool, source: str, key: str, value, supported: str) -> None:
     if not cond:
         raise ConfigError(f"{source}: unsupported {key} = {value!r}; supported: {supported}")
@@ -152,12 +171,12 @@ def _parse(d: dict, quant: dict | None, prefix: str, source: str, raw: dict) -> 
     bias = d.get("attention_bias", False)
     _check(not bias, source, "attention_bias", bias, "false")
 
-    n_experts = int(_require(d, "n_routed_experts", source))
-    n_group = int(d.get("n_group") or 1)
-    topk_group = int(d.get("topk_group") or 1)
+    n_experts = _num(int, d, "n_routed_experts", source)
+    n_group = _num(int, d, "n_group", source, 1) or 1
+    topk_group = _num(int, d, "topk_group", source, 1) or 1
     _check(n_experts % n_group == 0, source, "n_group", n_group, f"a divisor of n_routed_experts ({n_experts})")
     _check(1 <= topk_group <= n_group, source, "topk_group", topk_group, f"1..n_group ({n_group})")
-    k = int(_require(d, "num_experts_per_tok", source))
+    k = _num(int, d, "num_experts_per_tok", source)
     _check(1 <= k <= n_experts * topk_group // n_group, source, "num_experts_per_tok", k,
            f"1..{n_experts * topk_group // n_group} (experts reachable in topk_group groups)")
 
@@ -166,28 +185,28 @@ def _parse(d: dict, quant: dict | None, prefix: str, source: str, raw: dict) -> 
         eos = eos[0] if eos else None
 
     return ModelConfig(
-        vocab_size=int(_require(d, "vocab_size", source)),
-        hidden_size=int(_require(d, "hidden_size", source)),
-        intermediate_size=int(_require(d, "intermediate_size", source)),
-        moe_intermediate_size=int(_require(d, "moe_intermediate_size", source)),
-        num_hidden_layers=int(_require(d, "num_hidden_layers", source)),
-        num_attention_heads=int(_require(d, "num_attention_heads", source)),
+        vocab_size=_num(int, d, "vocab_size", source),
+        hidden_size=_num(int, d, "hidden_size", source),
+        intermediate_size=_num(int, d, "intermediate_size", source),
+        moe_intermediate_size=_num(int, d, "moe_intermediate_size", source),
+        num_hidden_layers=_num(int, d, "num_hidden_layers", source),
+        num_attention_heads=_num(int, d, "num_attention_heads", source),
         n_routed_experts=n_experts,
         num_experts_per_tok=k,
-        n_shared_experts=int(d.get("n_shared_experts") or 0),
-        first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
-        q_lora_rank=None if d.get("q_lora_rank") is None else int(d["q_lora_rank"]),
-        kv_lora_rank=int(_require(d, "kv_lora_rank", source)),
-        qk_nope_head_dim=int(_require(d, "qk_nope_head_dim", source)),
-        qk_rope_head_dim=int(_require(d, "qk_rope_head_dim", source)),
-        v_head_dim=int(_require(d, "v_head_dim", source)),
+        n_shared_experts=_num(int, d, "n_shared_experts", source, 0),
+        first_k_dense_replace=_num(int, d, "first_k_dense_replace", source, 0),
+        q_lora_rank=_num(int, d, "q_lora_rank", source, None),
+        kv_lora_rank=_num(int, d, "kv_lora_rank", source),
+        qk_nope_head_dim=_num(int, d, "qk_nope_head_dim", source),
+        qk_rope_head_dim=_num(int, d, "qk_rope_head_dim", source),
+        v_head_dim=_num(int, d, "v_head_dim", source),
         n_group=n_group,
         topk_group=topk_group,
         norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(d.get("rope_theta", 10000.0)),
-        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        routed_scaling_factor=_num(float, d, "routed_scaling_factor", source, 1.0),
+        rms_norm_eps=_num(float, d, "rms_norm_eps", source, 1e-6),
+        rope_theta=_num(float, d, "rope_theta", source, 10000.0),
+        max_position_embeddings=_num(int, d, "max_position_embeddings", source, 4096),
         rope_scaling=_parse_rope_scaling(d.get("rope_scaling"), source),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         model_type=mt,
@@ -206,12 +225,13 @@ def _parse_rope_scaling(rs: dict | None, source: str) -> RopeScaling | None:
     kind = rs.get("type", rs.get("rope_type"))
     _check(kind == "yarn", source, "rope_scaling.type", kind, "'yarn'")
     return RopeScaling(
-        factor=float(_require(rs, "factor", source)),
-        original_max_position_embeddings=int(_require(rs, "original_max_position_embeddings", source)),
-        beta_fast=float(rs.get("beta_fast") or 32),
-        beta_slow=float(rs.get("beta_slow") or 1),
-        mscale=None if rs.get("mscale") is None else float(rs["mscale"]),
-        mscale_all_dim=None if rs.get("mscale_all_dim") is None else float(rs["mscale_all_dim"]),
+        factor=_num(float, rs, "factor", source, where="rope_scaling."),
+        original_max_position_embeddings=_num(int, rs, "original_max_position_embeddings", source,
+                                              where="rope_scaling."),
+        beta_fast=_num(float, rs, "beta_fast", source, 32.0, "rope_scaling.") or 32.0,
+        beta_slow=_num(float, rs, "beta_slow", source, 1.0, "rope_scaling.") or 1.0,
+        mscale=_num(float, rs, "mscale", source, None, "rope_scaling."),
+        mscale_all_dim=_num(float, rs, "mscale_all_dim", source, None, "rope_scaling."),
     )
 
 
@@ -238,7 +258,7 @@ def _parse_quant(q: dict | None, source: str) -> QuantConfig | None:
            "quantization_config.config_groups.*.weights.symmetric", w.get("symmetric"), "true")
     _check(w.get("strategy") == "group", source, "quantization_config.config_groups.*.weights.strategy",
            w.get("strategy"), "'group'")
-    gs = int(w.get("group_size") or 0)
+    gs = _num(int, w, "group_size", source, 0, "quantization_config.config_groups.*.weights.")
     _check(gs > 0 and gs % 8 == 0, source, "quantization_config.config_groups.*.weights.group_size", gs,
            "a positive multiple of 8")
     return QuantConfig(method="compressed-tensors", bits=4, group_size=gs)

@@ -1,11 +1,16 @@
 """Anthropic's Messages API: POST /v1/messages (streamed or not) and /v1/messages/count_tokens, what
 Claude Code, Cline and other Anthropic clients send when pointed at this server.
 
-Any model name is served (clients name Claude models unless told otherwise). Errors on these paths
-take Anthropic's shape. A stream opens with message_start (usage counts the whole prompt, since
-prefix-cache hits are known only once the prompt is scheduled), sends a ping whenever the model is
-silent for PING_SECONDS, and ends with message_delta, whose cumulative usage splits the prompt
-into input_tokens and cache_read_input_tokens, and message_stop.
+The same endpoints are served under /anthropic too (/anthropic/v1/messages ...), as Moonshot serves
+its Anthropic API, so a client set up for `https://api.moonshot.ai/anthropic` needs only its base
+URL changed. Any model name is served (clients name Claude models unless told otherwise). Errors
+on these paths take Anthropic's shape. Thinking is off unless the request turns it on (Anthropic's
+default; the OpenAI endpoint follows Moonshot's, on).
+
+A stream sends a ping whenever the model is silent for PING_SECONDS, message_start with the first
+output (the prompt is read by then, so its usage already splits the prompt into input_tokens and
+cache_read_input_tokens, as every later event does), the content blocks, message_delta with the
+cumulative usage, and message_stop.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from hybrid.tokenizer.specials import find_marker
 
 PING_SECONDS = 10.0
 PREFIX = "/v1/messages"
+MOUNTS = ("", "/anthropic")  # the API's paths, as is and under Moonshot's prefix
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                529: "overloaded_error"}
@@ -41,9 +47,11 @@ router = APIRouter()
 
 
 def install(app: FastAPI) -> None:
-    """Add the endpoints, Anthropic's error shape on their paths, and the thinking signer."""
-    app.include_router(router)
-    register_error_format(app, PREFIX, anthropic_error)
+    """Add the endpoints (at each of MOUNTS), Anthropic's error shape on their paths, and the thinking
+    signer."""
+    for mount in MOUNTS:
+        app.include_router(router, prefix=mount)
+        register_error_format(app, mount or PREFIX, anthropic_error)
     app.state.thinking_signer = ThinkingSigner()
 
 
@@ -83,21 +91,21 @@ async def messages(body: MessagesRequest, request: Request):
             hit = find_marker(s.tokenizer.decode(token_ids), tuple(x for x in params.stop if x))
             if hit is not None:
                 stop_reason, stop_sequence = "stop_sequence", hit[1]
-        usage = Usage(input_tokens=last.num_prompt_tokens - last.num_cached_tokens,
-                      cache_read_input_tokens=last.num_cached_tokens, output_tokens=last.num_output_tokens)
-        return stop_reason, stop_sequence, usage
+        return stop_reason, stop_sequence, _usage(last)
 
     if body.stream:
         async def stream() -> AsyncIterator[str]:
-            start = MessageResponse(id=message_id, model=s.model_name, content=[],
-                                    usage=Usage(input_tokens=len(prompt), output_tokens=0))
-            yield sse({"type": "message_start", "message": start.model_dump()}, "message_start")
             token_ids: list[int] = []
+            started = False
             try:
                 async for out in with_silences(outputs, PING_SECONDS):
                     if out is None:
                         yield sse({"type": "ping"}, "ping")
                         continue
+                    if not started:
+                        start = MessageResponse(id=message_id, model=s.model_name, content=[], usage=_usage(out))
+                        yield sse({"type": "message_start", "message": start.model_dump()}, "message_start")
+                        started = True
                     token_ids += out.token_ids
                     for event in blocks.feed(parser.feed(out)):
                         yield sse(event, event["type"])
@@ -124,6 +132,12 @@ async def messages(body: MessagesRequest, request: Request):
     message = MessageResponse(id=message_id, model=s.model_name, content=[], stop_reason=stop_reason,
                               stop_sequence=stop_sequence, usage=usage)
     return Response(blocks.message_json(message.model_dump()), media_type="application/json")
+
+
+def _usage(out: RequestOutput) -> Usage:
+    """Usage so far: the prompt split into what was computed and what came from the prefix cache."""
+    return Usage(input_tokens=out.num_prompt_tokens - out.num_cached_tokens,
+                 cache_read_input_tokens=out.num_cached_tokens, output_tokens=out.num_output_tokens)
 
 
 def _prompt(s: Serving, conversation: Conversation) -> list[int]:

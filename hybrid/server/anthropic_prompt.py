@@ -7,8 +7,9 @@ whenever the reply is constrained (tool_choice forcing a call, or `output_config
 JSON); effort `medium` caps it at a quarter of max_tokens. Earlier turns' reasoning reaches the
 prompt only when its signature verifies, when `context_management`'s `clear_thinking` edit keeps
 that turn, and then as the chat template decides (all of it with `preserve`). `system` messages
-inside the conversation are system turns where they stand. Images and non-text documents become a
-short placeholder: the model reads text.
+inside the conversation are system turns where they stand. Documents with a text source are read
+as text; images and other documents are refused (400): the model reads text only, and answering
+without what the client sent would answer another question.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ from hybrid.server.anthropic_schema import (ClearThinking, CountTokensRequest, D
                                             ToolResultBlock, ToolUseBlock)
 from hybrid.server.errors import APIError
 from hybrid.server.thinking_signature import ThinkingSigner
-
-IMAGE_PLACEHOLDER = "[image not shown: this model reads text only]"
-DOCUMENT_PLACEHOLDER = "[document not shown: this model reads text only]"
 
 
 @dataclass
@@ -106,7 +104,7 @@ def _messages(body: CountTokensRequest, signer: ThinkingSigner) -> list[dict]:
             continue
         if message.role == "assistant":
             text, reasoning, calls = [], [], []
-            for block in message.content:
+            for j, block in enumerate(message.content):
                 if isinstance(block, ThinkingBlock):
                     if i in kept and signer.verify(block.thinking, block.signature):
                         reasoning.append(block.thinking)
@@ -115,7 +113,7 @@ def _messages(body: CountTokensRequest, signer: ThinkingSigner) -> list[dict]:
                     calls.append({"id": block.id, "type": "function", "function": {
                         "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
                 elif not isinstance(block, RedactedThinkingBlock):
-                    text.append(_text(block))
+                    text.append(_text(block, f"messages.{i}.content.{j}"))
             m = {"role": "assistant", "content": "\n".join(text)}
             if reasoning:
                 m["reasoning_content"] = "\n".join(reasoning)
@@ -132,27 +130,28 @@ def _messages(body: CountTokensRequest, signer: ThinkingSigner) -> list[dict]:
                 if text:  # text before a tool result stays before it
                     out.append({"role": "user", "content": "\n".join(text)})
                     text = []
-                content = "\n".join(_text(b) for b in block.content)
+                content = "\n".join(_text(b, f"messages.{i}.content.{j}.content.{k}")
+                                    for k, b in enumerate(block.content))
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id,
                             "content": f"Error: {content}" if block.is_error else content})
             elif isinstance(block, (ToolUseBlock, ThinkingBlock, RedactedThinkingBlock)):
                 raise APIError(400, f"a user message cannot hold a {block.type} block",
                                param=f"messages.{i}.content.{j}.type")
             else:
-                text.append(_text(block))
+                text.append(_text(block, f"messages.{i}.content.{j}"))
         if text or not message.content:
             out.append({"role": "user", "content": "\n".join(text)})
     return out
 
 
-def _text(block: TextBlock | ImageBlock | DocumentBlock) -> str:
+def _text(block: TextBlock | ImageBlock | DocumentBlock, where: str) -> str:
     if isinstance(block, TextBlock):
         return block.text
-    if isinstance(block, DocumentBlock):
-        if block.source.get("type") == "text":
-            return str(block.source.get("data", ""))
-        return DOCUMENT_PLACEHOLDER
-    return IMAGE_PLACEHOLDER
+    if isinstance(block, DocumentBlock) and block.source.get("type") == "text":
+        return str(block.source.get("data", ""))
+    what = "an image" if isinstance(block, ImageBlock) else f"a document of source type {block.source.get('type')!r}"
+    raise APIError(400, f"{where}: {what}, which this model cannot read: it reads text only (fix: send text blocks, "
+                        "or a document with a text source)", param=where)
 
 
 def _check_schema(schema: dict[str, Any] | None, param: str) -> None:

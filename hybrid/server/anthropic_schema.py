@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hybrid.server.openai_schema import INT32_MAX
+
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -173,7 +175,7 @@ class MessagesRequest(CountTokensRequest):
     stop_sequences: list[str] | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)
     metadata: dict[str, Any] | None = None
 
 

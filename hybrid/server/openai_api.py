@@ -14,10 +14,10 @@ from hybrid.engine.constrained import json_grammar, tool_call_grammar
 from hybrid.engine.grammar import GrammarError, GrammarProcessor
 from hybrid.server.errors import APIError, openai_error
 from hybrid.server.openai_schema import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
-                                         ChatCompletionRequest, ChunkChoice, Completion, CompletionChoice,
-                                         CompletionRequest, CompletionTokensDetails, Delta, FunctionCallOut,
-                                         ModelCard, ModelList, NamedToolChoice, PromptTokensDetails, Sampling,
-                                         ToolCallOut, Usage)
+                                         ChatCompletionRequest, ChatMessage, ChunkChoice, Completion,
+                                         CompletionChoice, CompletionRequest, CompletionTokensDetails, Delta,
+                                         FunctionCallOut, ModelCard, ModelList, NamedToolChoice, PromptTokensDetails,
+                                         Sampling, ToolCallOut, Usage)
 from hybrid.server.reply import ReplyEvent, ReplyParser
 from hybrid.server.serving import Serving, until_disconnected
 from hybrid.server.sse import DONE, sse, sse_response
@@ -40,6 +40,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     arrival = time.monotonic()
     s: Serving = request.app.state.serving
     s.check_model(body.model)
+    _check_messages(body.messages)
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     grammar = _grammar(body, messages)
@@ -150,9 +151,41 @@ async def completions(body: CompletionRequest, request: Request):
                                for i, (t, o) in enumerate(zip(texts, finals))])
 
 
+# Content part types OpenAI's API defines for media: this text-only model cannot see them.
+NON_TEXT_PARTS = ("image_url", "input_audio", "file")
+
+
+def _check_messages(messages: list[ChatMessage]) -> None:
+    """Refuse, as OpenAI's API does, what the prompt could not hold faithfully: content parts that
+    are not text (this model reads text only: dropping them would answer a question the client
+    did not ask) or of an unknown type, and tool results that answer no earlier tool call."""
+    called: set[str] = set()
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            where = f"messages.{i}.content.{j}"
+            if part.type in NON_TEXT_PARTS:
+                raise APIError(400, f"{where}: a content part of type {part.type!r}: this model reads text only "
+                                    "(fix: send the content as text parts)", param=f"{where}.type",
+                               code="unsupported_content")
+            if part.type != "text":
+                raise APIError(400, f"{where}.type: content parts of type {part.type!r} are not supported (fix: "
+                                    "send 'text' parts)", param=f"{where}.type")
+            if part.text is None:
+                raise APIError(400, f"{where}.text: a text part needs its text", param=f"{where}.text")
+        called.update(call.id for call in m.tool_calls or [] if call.id)
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError(400, f"messages.{i}.tool_call_id: a tool message needs the id of the tool call it "
+                                    "answers", param=f"messages.{i}.tool_call_id")
+            if m.tool_call_id not in called:
+                raise APIError(400, f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no tool call of an "
+                                    "earlier assistant message", param=f"messages.{i}.tool_call_id")
+
+
 def _thinking(body: ChatCompletionRequest) -> tuple[bool, bool]:
-    """(thinking, preserve_thinking) from `thinking` or `chat_template_kwargs`; thinking is on
-    unless turned off, as for Kimi's thinking models."""
+    """(thinking, preserve_thinking) from `thinking` or `chat_template_kwargs`. Thinking is on
+    unless turned off: Moonshot's default for Kimi's thinking models on its OpenAI-compatible API
+    (the Anthropic endpoint keeps Anthropic's default, off; see docs/claude-code.md)."""
     thinking, preserve = True, False
     if body.thinking is not None:
         thinking, preserve = body.thinking.type != "disabled", bool(body.thinking.preserve)

@@ -12,6 +12,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
+# Integers that reach the sampler's tensors and generators must fit them (a larger seed is a 400,
+# not a 500); counts such as max_tokens are clamped to what the context holds instead.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT32_MAX = (1 << 31) - 1  # top_k: anything above the vocabulary means all of it
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -91,9 +97,9 @@ class Sampling(Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)
     min_p: float = Field(0.0, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)

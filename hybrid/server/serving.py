@@ -45,6 +45,32 @@ class Serving:
         engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)
         return cls(EngineThread(engine).start(), tokenizer, model_name or folder.name)
 
+    def summary(self) -> list[str]:
+        """What is served and how, in a few lines (`hybrid serve` prints them as it starts)."""
+        engine = self.engine.engine
+        model, pages = engine.runner.model, engine.pages
+        cfg, p = model.config, model.placement
+        quant = {"compressed-tensors": "int4", "fp8": "fp8"}.get(cfg.quant.method, "?") if cfg.quant else "bf16"
+        devices = sorted({p.embed, p.lm_head, *p.layers.values()})
+        hot = sum(len(ids) for ids in p.hot_experts.values())
+        kernels = sorted({f"{e.cpu.name}: {e.cpu.kernel}, {_threads(e.cpu)}" for e in model.moe_experts()})
+        lines = [
+            f"model: {self.model_name} ({model.folder}): {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "
+            f"routed experts of which {cfg.num_experts_per_tok} per token ({quant}), computing in "
+            f"{str(model.model.lm_head.weight.dtype).removeprefix('torch.')}",
+            f"placement: dense layers, attention and KV cache on {', '.join(devices)}; routed experts on the CPU"
+            + (f", {hot:,} of them on GPUs" if hot else "")
+            + (f"; prompts of {p.stream_threshold:,}+ tokens stream experts to the GPU" if p.stream_threshold else ""),
+            *(f"CPU experts: {k}" for k in kernels),
+            f"context: {engine.max_model_len:,} tokens per request; KV cache {pages.num_pages * pages.page_size:,} "
+            f"tokens ({pages.num_pages:,} pages of {pages.page_size}), up to {engine.config.max_running} requests "
+            f"at once, {engine.config.max_batch_tokens:,} tokens per step",
+            "thinking: on by default for /v1/chat/completions (Moonshot's default for Kimi; send \"thinking\": "
+            "{\"type\": \"disabled\"} to turn it off), off for /v1/messages unless the request sends \"thinking\" "
+            "(Anthropic's default)",
+        ]
+        return lines
+
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -94,6 +120,11 @@ class Serving:
                 yield out
         finally:
             m.requests[reason] += 1
+
+
+def _threads(backend) -> str:
+    threads = getattr(backend, "threads", None)
+    return f"{threads} thread{'s' * (threads != 1)}" if threads else f"torch's {torch.get_num_threads()} threads"
 
 
 def kimi_tool_ids(messages: list[dict]) -> list[dict]:
