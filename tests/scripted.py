@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from hybrid.tokenizer import Tokenizer
 
 EMBED, HEAD = 40.0, 10.0
+REASONING, ANSWER = "Fine.", "Hello there!"  # what the client tests' model writes
 
 
 def write_scripted(source: Path, folder: Path, reasoning: str, answer: str) -> Path:

@@ -7,53 +7,24 @@ something the server refuses fails here with the server's message, which names t
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from scripted import write_scripted
+from conftest import KEY
+from npm import installed, needs_npm
+from scripted import ANSWER
 from served import Served
 
 VERSION = "2.1.197"
-KEY = "cc-test-key"
-REASONING, ANSWER = "Fine.", "Hello there!"
-CACHE = Path.home() / ".cache" / "hybrid" / "npm"
 
-pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")),
-                                reason="needs Node.js and npm, to install and run Claude Code")
+pytestmark = needs_npm
 
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    """The pinned CLI, installed once into a cache folder (written aside, then renamed)."""
-    folder = CACHE / f"claude-code-{VERSION}"
-    binary = folder / "node_modules" / ".bin" / "claude"
-    if not binary.exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        run = subprocess.run(["npm", "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--loglevel=error",
-                              f"@anthropic-ai/claude-code@{VERSION}"], capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, f"npm could not install Claude Code {VERSION}:\n{run.stderr[-3000:]}"
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
-    assert version.stdout.startswith(VERSION), version.stdout + version.stderr
-    return binary
-
-
-@pytest.fixture(scope="module")
-def scripted(tiny_dir, tmp_path_factory) -> Path:
-    return write_scripted(tiny_dir, tmp_path_factory.mktemp("scripted") / "model", REASONING, ANSWER)
-
-
-@pytest.fixture(scope="module")
-def served(scripted, tmp_path_factory):
-    server = Served(scripted, tmp_path_factory.mktemp("serve") / "serve.log", KEY)
-    yield server
-    server.stop()
+    return installed("@anthropic-ai/claude-code", VERSION, "claude")
 
 
 def ask(claude: Path, served: Served, home: Path, *args: str) -> dict:

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from hybrid.engine import EngineConfig
+from hybrid.engine.constrained import OneToolCall
 from hybrid.server import openai_api
-from hybrid.server.app import create_app
-from hybrid.server.http_server import ServerThread
 from hybrid.server.serving import Serving
 from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_CALL_BEGIN, TOOL_CALL_END,
                                        TOOL_CALLS_BEGIN, TOOL_CALLS_END)
 
-KEY = "test-key"
+from conftest import KEY
+
 KV_TOKENS = 4096
 HI = [{"role": "user", "content": "Hello! What is the weather in Paris?"}]
 IMAGE_QUESTION = {"type": "text", "text": "What is in this picture?"}
@@ -33,17 +33,6 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "description
 @pytest.fixture(scope="module")
 def serving(tiny_dir):
     return Serving.load(tiny_dir, dtype=torch.float32, config=EngineConfig(kv_cache_tokens=KV_TOKENS))
-
-
-@pytest.fixture(scope="module")
-def server(serving):
-    with ServerThread(create_app(serving, api_key=KEY, max_body_bytes=1 << 20)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
 @pytest.fixture
@@ -138,12 +127,55 @@ def test_streamed_tool_calls(client, serving, script):
     assert call.id == first.id  # the same conversation, the same id
 
 
+def test_parallel_tool_calls_false_closes_the_section_after_one_call(client, engine):
+    client.chat.completions.create(model="tiny", messages=HI, tools=WEATHER, max_tokens=2)
+    assert not any(isinstance(p, OneToolCall) for p in engine.params[-1].logits_processors)
+    client.chat.completions.create(model="tiny", messages=HI, tools=WEATHER, max_tokens=2, parallel_tool_calls=False)
+    assert any(isinstance(p, OneToolCall) for p in engine.params[-1].logits_processors)
+
+
 def test_tool_history_with_client_ids_is_accepted(client):
     history = HI + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_abc", "content": "18C, sunny"}]
     r = client.chat.completions.create(model="tiny", messages=history, tools=WEATHER, max_tokens=4)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_logprobs_are_those_of_the_logits_the_engine_sampled_from(client, serving, sampled):
+    tok = serving.tokenizer
+    kw = dict(model="tiny", messages=HI, max_tokens=6, temperature=0.8, seed=7, logprobs=True, top_logprobs=3,
+              extra_body={"thinking": {"type": "disabled"}})
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    steps = sampled[:]
+    stopped = r.choices[0].finish_reason == "stop"  # the stop token ends the reply and is not listed
+    assert len(content) == len(steps) - stopped == r.usage.completion_tokens - stopped
+    for entry, (logits, token) in zip(content, steps):
+        logprobs = logits.log_softmax(-1)
+        assert abs(entry.logprob - logprobs[token].item()) < 1e-4
+        top = logprobs.topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [bytes(t.bytes) for t in entry.top_logprobs] == [tok.token_bytes(i) for i in top.indices.tolist()]
+        assert bytes(entry.bytes) == tok.token_bytes(token)
+    text = b"".join(bytes(e.bytes) for e in content if e.token not in tok.special)  # specials write no text
+    assert text.decode(errors="replace") == r.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(**kw, stream=True))  # the same seed, the same tokens
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)  # prefix cached
+
+    sampled.clear()
+    c = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(sampled) and "".join(t for t in lp.tokens if t not in tok.special) == c.choices[0].text
+    for token_logprob, top, (logits, token) in zip(lp.token_logprobs, lp.top_logprobs, sampled):
+        assert abs(token_logprob - logits.log_softmax(-1)[token].item()) < 1e-4
+        assert token_logprob == pytest.approx(max(top.values()), abs=1e-4)  # greedy: the most likely one
+    assert lp.text_offset == [len("".join(t for t in lp.tokens[:i] if t not in tok.special))
+                              for i in range(len(lp.tokens))]
 
 
 def test_n_choices_with_a_seed_are_reproducible(client):
@@ -244,6 +276,8 @@ def test_second_turn_is_served_from_the_prefix_cache(client, server):
      "messages.1.tool_call_id"),
     ({"model": "tiny", "messages": HI, "seed": 2**70}, 400, "seed"),
     ({"model": "tiny", "messages": HI, "top_k": 2**70}, 400, "top_k"),
+    ({"model": "tiny", "messages": HI, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": "tiny", "messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, None),
 ])
 def test_bad_requests_get_openai_errors(server, client, body, status, param):

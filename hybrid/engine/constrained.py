@@ -1,4 +1,4 @@
-"""What the chat APIs constrain, as grammars over Kimi's output, and a thinking budget.
+"""What the chat APIs constrain, as grammars over Kimi's output; a thinking budget; one tool call.
 
 A forced tool call is exactly one call in Kimi's syntax, its id numbered as the conversation's next
 call and its arguments valid against the tool's schema; a JSON answer is one JSON value valid
@@ -64,4 +64,19 @@ class ThinkingBudget:
             return logits
         forced = torch.full_like(logits, float("-inf"))
         forced[self._think_end] = 0
+        return forced
+
+
+class OneToolCall:
+    """Closes the tool-call section after its first call (OpenAI's `parallel_tool_calls: false`)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._call_end = tokenizer.special.get(TOOL_CALL_END)
+        self._section_end = tokenizer.special.get(TOOL_CALLS_END)
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if not output_ids or output_ids[-1] != self._call_end:
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced[self._section_end] = 0
         return forced

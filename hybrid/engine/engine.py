@@ -11,8 +11,8 @@ from hybrid.api import HybridModel
 from hybrid.engine.config import EngineConfig
 from hybrid.engine.model_runner import ModelRunner
 from hybrid.engine.page_manager import PageManager
-from hybrid.engine.request_output import RequestOutput
-from hybrid.engine.sampler import sample
+from hybrid.engine.request_output import RequestOutput, TokenLogprob
+from hybrid.engine.sampler import sample, token_logprobs
 from hybrid.engine.sampling_params import SamplingParams
 from hybrid.engine.scheduler import Scheduler
 from hybrid.engine.sequence import Sequence
@@ -86,9 +86,10 @@ class Engine:
         for seq, n in scheduled:
             seq.num_computed += n
             self.pages.publish(seq)
-        tokens = sample(logits, [s.params for s in sampling], [s.output_ids for s in sampling],
-                        [s.generator for s in sampling])
-        return [self._append(seq, token) for seq, token in zip(sampling, tokens)]
+        params = [s.params for s in sampling]
+        tokens = sample(logits, params, [s.output_ids for s in sampling], [s.generator for s in sampling])
+        logprobs = token_logprobs(logits, params, tokens)
+        return [self._append(seq, token, lp) for seq, token, lp in zip(sampling, tokens, logprobs)]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion (offline use): each one's generated ids."""
@@ -99,7 +100,7 @@ class Engine:
                 out[o.request_id] += o.token_ids
         return [out[rid] for rid in ids]
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         seq.token_ids.append(token)
         text, reason, hit = "", None, False
         if token in self.stop_ids or token in seq.params.stop_token_ids:
@@ -114,8 +115,9 @@ class Engine:
                 text += seq.text.flush()
             del self.requests[seq.request_id]
             self.scheduler.finish(seq, reason)
-        return self._output(seq, [token], text)
+        return self._output(seq, [token], text, logprobs=None if logprob is None else [logprob])
 
-    def _output(self, seq: Sequence, token_ids: list[int], text: str, error: str | None = None) -> RequestOutput:
+    def _output(self, seq: Sequence, token_ids: list[int], text: str, error: str | None = None,
+                logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, token_ids, text, seq.finish_reason, seq.num_prompt_tokens,
-                             max(seq.num_cached_tokens, 0), seq.num_output_tokens, error)
+                             max(seq.num_cached_tokens, 0), seq.num_output_tokens, error, logprobs)

@@ -1,6 +1,10 @@
 """Next tokens for a batch of sequences, each with its own sampling parameters, in one pass of
 tensor ops over the batch.
 
+Log-probabilities, for the sequences that ask for them, are the log-softmax of the logits the
+sampler starts from: the model's, after logits processors (grammars) and penalties, before
+temperature and the top-k / top-p / min-p filters (so, as OpenAI's, they do not depend on those).
+
 Sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws exactly from
 `probs`; each seeded sequence draws its noise from its own generator, so its tokens do not depend
 on what else shares the batch. The math runs where the logits are; the noise is drawn on the CPU
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from hybrid.engine.request_output import TokenLogprob
 from hybrid.engine.sampling_params import SamplingParams
 
 
@@ -28,6 +33,23 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], outputs: list[lis
         noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=generators[i]) for i in rows])
         tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
     return tokens.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Each sampled token's log-probability and its sequence's `logprobs` most likely tokens', for
+    the sequences that ask (None for the others); `logits` as `sample` left them."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return out
+    logprobs = logits[rows].float().log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))[:, 0].tolist()
+    k = max(params[i].logprobs for i in rows)
+    values, ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    for j, i in enumerate(rows):
+        top = zip(ids[j, :params[i].logprobs].tolist(), values[j, :params[i].logprobs].tolist())
+        out[i] = TokenLogprob(tokens[i], chosen[j], [(t, v) for t, v in top if v > float("-inf")])
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> None:

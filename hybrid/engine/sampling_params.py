@@ -25,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives'
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -39,6 +40,8 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
             raise ValueError("seed must fit in 64 bits")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
 
     @property
     def greedy(self) -> bool:

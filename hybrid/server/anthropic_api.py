@@ -22,10 +22,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, FastAPI, Request, Response
 
 from hybrid.engine import RequestOutput, SamplingParams
-from hybrid.engine.constrained import ThinkingBudget, json_grammar, tool_call_grammar
-from hybrid.engine.grammar import GrammarError, GrammarProcessor
 from hybrid.server.anthropic_blocks import ContentBlocks
-from hybrid.server.anthropic_prompt import Conversation, read_conversation
+from hybrid.server.anthropic_prompt import read_conversation
 from hybrid.server.anthropic_schema import (CountTokensRequest, CountTokensResponse, MessageResponse,
                                             MessagesRequest, Usage)
 from hybrid.server.errors import APIError, register_error_format
@@ -33,7 +31,7 @@ from hybrid.server.reply import ReplyParser
 from hybrid.server.serving import Serving, until_disconnected, with_silences
 from hybrid.server.sse import sse, sse_response
 from hybrid.server.thinking_signature import ThinkingSigner
-from hybrid.server.tool_ids import next_call_index, reply_tool_ids
+from hybrid.server.tool_ids import reply_tool_ids
 from hybrid.tokenizer.specials import find_marker
 
 PING_SECONDS = 10.0
@@ -63,7 +61,7 @@ def anthropic_error(e: APIError) -> dict:
 @router.post(PREFIX + "/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> CountTokensResponse:
     conversation = read_conversation(body, request.app.state.thinking_signer)
-    return CountTokensResponse(input_tokens=len(_prompt(request.app.state.serving, conversation)))
+    return CountTokensResponse(input_tokens=len(request.app.state.serving.conversation_prompt(conversation)))
 
 
 @router.post(PREFIX)
@@ -72,9 +70,11 @@ async def messages(body: MessagesRequest, request: Request):
     s: Serving = request.app.state.serving
     signer: ThinkingSigner = request.app.state.thinking_signer
     conversation = read_conversation(body, signer)
-    prompt = _prompt(s, conversation)
+    prompt = s.conversation_prompt(conversation)
     s.check_prompt(prompt)
-    params = _sampling(s, body, conversation, prompt)
+    params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                            max_tokens=body.max_tokens, stop=list(body.stop_sequences or []))
+    s.constrain(params, conversation, len(prompt))
     parser = ReplyParser(s.tokenizer, prompt, parse_tools=bool(conversation.tools),
                          call_id=reply_tool_ids("toolu_", prompt))
     blocks = ContentBlocks(signer)
@@ -138,30 +138,3 @@ def _usage(out: RequestOutput) -> Usage:
     """Usage so far: the prompt split into what was computed and what came from the prefix cache."""
     return Usage(input_tokens=out.num_prompt_tokens - out.num_cached_tokens,
                  cache_read_input_tokens=out.num_cached_tokens, output_tokens=out.num_output_tokens)
-
-
-def _prompt(s: Serving, conversation: Conversation) -> list[int]:
-    return s.chat_prompt(conversation.messages, conversation.tools, conversation.thinking, conversation.preserve)
-
-
-def _sampling(s: Serving, body: MessagesRequest, conversation: Conversation, prompt: list[int]) -> SamplingParams:
-    """Sampling as asked; a forced tool call or a structured answer is held to its grammar, enabled
-    thinking to its budget."""
-    params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                            max_tokens=body.max_tokens, stop=list(body.stop_sequences or []))
-    if conversation.forced:
-        grammar = tool_call_grammar(conversation.forced, next_call_index(conversation.messages))
-        param = "tool_choice"
-    elif conversation.answer_schema is not None:
-        grammar, param = json_grammar(conversation.answer_schema), "output_config.format.schema"
-    else:
-        grammar = None
-    if grammar is not None:
-        budget = min(body.max_tokens, s.engine.engine.max_model_len - len(prompt))
-        try:
-            params.logits_processors.append(GrammarProcessor(s.tokenizer, grammar, budget))
-        except GrammarError as e:
-            raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
-    elif conversation.thinking and conversation.thinking_budget:
-        params.logits_processors.append(ThinkingBudget(s.tokenizer, conversation.thinking_budget))
-    return params

@@ -14,36 +14,21 @@ without what the client sent would answer another question.
 
 from __future__ import annotations
 
-import functools
 import json
-from dataclasses import dataclass, field
-from typing import Any
-
-import jsonschema
 
 from hybrid.server.anthropic_schema import (ClearThinking, CountTokensRequest, DocumentBlock, ImageBlock,
                                             MessagesRequest, RedactedThinkingBlock, TextBlock, ThinkingBlock,
                                             ToolResultBlock, ToolUseBlock)
+from hybrid.server.conversation import Conversation, check_schema
 from hybrid.server.errors import APIError
 from hybrid.server.thinking_signature import ThinkingSigner
-
-
-@dataclass
-class Conversation:
-    messages: list[dict]
-    tools: list[dict]  # declared to the model (none with tool_choice none)
-    thinking: bool
-    preserve: bool
-    forced: dict[str, dict] = field(default_factory=dict)  # tools a forced call may use: name -> input schema
-    answer_schema: dict | None = None  # the JSON schema a structured answer must satisfy
-    thinking_budget: int | None = None  # the most reasoning tokens, when bounded
 
 
 def read_conversation(body: CountTokensRequest, signer: ThinkingSigner) -> Conversation:
     client_tools = [t for t in body.tools or [] if t.is_client_tool]
     for i, tool in enumerate(body.tools or []):
         if tool.is_client_tool:
-            _check_schema(tool.input_schema, f"tools.{i}.input_schema")
+            check_schema(tool.input_schema, f"tools.{i}.input_schema")
     choice = body.tool_choice.type if body.tool_choice else "auto"
     schemas = {t.name: t.input_schema for t in client_tools}
     forced = {}
@@ -153,25 +138,3 @@ def _text(block: TextBlock | ImageBlock | DocumentBlock, where: str) -> str:
     raise APIError(400, f"{where}: {what}, which this model cannot read: it reads text only (fix: send text blocks, "
                         "or a document with a text source)", param=where)
 
-
-def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
-    if schema is None:
-        raise APIError(400, f"{param}: a tool needs an input_schema", param=param)
-    error = _schema_error(json.dumps(schema, sort_keys=True))
-    if error:
-        raise APIError(400, f"{param}: {error}", param=param)
-
-
-@functools.lru_cache(maxsize=1024)
-def _schema_error(schema_json: str) -> str | None:
-    """Why a tool's input schema is not a valid JSON Schema of an object (cached: agents send the same
-    tools every turn)."""
-    schema = json.loads(schema_json)
-    if schema.get("type") != "object":
-        return "input_schema must have type \"object\""
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        path = "".join(f"[{p!r}]" for p in e.absolute_path)
-        return f"not a valid JSON Schema{' at ' + path if path else ''}: {e.message}"
-    return None

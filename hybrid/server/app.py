@@ -1,5 +1,5 @@
-"""The HTTP app: OpenAI's endpoints, /health and /metrics, behind an optional API key and a body
-size limit. Other APIs add their routers to it."""
+"""The HTTP app: OpenAI's endpoints (chat completions, completions, models, responses), /health and
+/metrics, behind an optional API key and a body size limit. Other APIs add their routers to it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from hybrid.server import anthropic_api, openai_api
+from hybrid.server import anthropic_api, openai_api, responses_api
 from hybrid.server.errors import APIError, error_response, install_error_handlers
 from hybrid.server.serving import Serving
 
@@ -31,6 +31,7 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
     if api_key:
         app.add_middleware(APIKey, key=api_key)
     app.include_router(openai_api.router)
+    responses_api.install(app)
     anthropic_api.install(app)
 
     @app.api_route("/", methods=["GET", "HEAD"])

@@ -10,14 +10,14 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from hybrid.engine import RequestOutput, SamplingParams
-from hybrid.engine.constrained import json_grammar, tool_call_grammar
-from hybrid.engine.grammar import GrammarError, GrammarProcessor
+from hybrid.engine.constrained import OneToolCall, json_grammar, tool_call_grammar
 from hybrid.server.errors import APIError, openai_error
+from hybrid.server.logprobs import Logprobs
 from hybrid.server.openai_schema import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
-                                         ChatCompletionRequest, ChatMessage, ChunkChoice, Completion,
+                                         ChatCompletionRequest, ChatMessage, ChoiceLogprobs, ChunkChoice, Completion,
                                          CompletionChoice, CompletionRequest, CompletionTokensDetails, Delta,
                                          FunctionCallOut, ModelCard, ModelList, NamedToolChoice, PromptTokensDetails,
-                                         Sampling, ToolCallOut, Usage)
+                                         Sampling, TokenLogprobOut, ToolCallOut, Usage)
 from hybrid.server.reply import ReplyEvent, ReplyParser
 from hybrid.server.serving import Serving, until_disconnected
 from hybrid.server.sse import DONE, sse, sse_response
@@ -44,19 +44,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     grammar = _grammar(body, messages)
-    thinking, preserve = _thinking(body)
+    thinking, preserve = body.thinking_switches()
     prompt = s.chat_prompt(messages, tools, thinking and grammar is None, preserve)
     s.check_prompt(prompt)
     params = _sampling(body, body.max_completion_tokens or body.max_tokens)
-    if grammar is not None:
-        room = s.engine.engine.max_model_len - len(prompt)
-        try:
-            for p in params:
-                p.logits_processors.append(GrammarProcessor(s.tokenizer, grammar[0], min(p.max_tokens or room, room)))
-        except GrammarError as e:
-            raise APIError(400, f"{grammar[1]}: the schema cannot be enforced: {e}", param=grammar[1]) from None
+    for p in params:
+        if grammar is not None:
+            s.hold(p, grammar[0], grammar[1], len(prompt))
+        elif tools and body.parallel_tool_calls is False:
+            p.logits_processors.append(OneToolCall(s.tokenizer))
     parsers = [ReplyParser(s.tokenizer, prompt, parse_tools=bool(tools), call_id=reply_tool_ids("call_", prompt, i))
                for i in range(len(params))]
+    logprobs = Logprobs(s.tokenizer, body.stop_token_ids or ())
     outputs = _merge([s.generate(prompt, p, arrival) for p in params])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -68,14 +67,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             for i in range(len(params)):
                 yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             last: dict[int, RequestOutput] = {}
+            pending: dict[int, list[TokenLogprobOut]] = {i: [] for i in range(len(params))}
+
+            def held(i: int) -> ChoiceLogprobs | None:
+                """The log-probabilities not yet sent with a chunk of choice i (a marker's tokens wait
+                for the text they end up in)."""
+                entries, pending[i] = pending[i], []
+                return ChoiceLogprobs(content=entries) if entries else None
+
             try:
                 async for i, out in outputs:
+                    pending[i] += logprobs.entries(out)
                     for event in parsers[i].feed(out):
                         if (delta := _delta(event)) is not None:
-                            yield chunk([ChunkChoice(index=i, delta=delta)])
+                            yield chunk([ChunkChoice(index=i, delta=delta, logprobs=held(i))])
                     if out.finished:
                         last[i] = out
-                        yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=parsers[i].finish_reason(out))])
+                        yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=parsers[i].finish_reason(out),
+                                                 logprobs=held(i))])
             except APIError as e:
                 yield sse(openai_error(e))
             else:
@@ -86,16 +95,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return sse_response(stream())
 
     messages = [AssistantMessage() for _ in params]
+    entries: list[list[TokenLogprobOut]] = [[] for _ in params]
     last = {}
     async for i, out in until_disconnected(request, outputs):
+        entries[i] += logprobs.entries(out)
         for event in parsers[i].feed(out):
             _add(messages[i], event)
         if out.finished:
             last[i] = out
     finals = [last[i] for i in range(len(params))]
+    asked = body.logprob_count() is not None
     return ChatCompletion(
         id=rid, created=created, model=s.model_name, usage=_usage(finals, parsers),
-        choices=[ChatChoice(index=i, message=m, finish_reason=parsers[i].finish_reason(finals[i]))
+        choices=[ChatChoice(index=i, message=m, finish_reason=parsers[i].finish_reason(finals[i]),
+                            logprobs=ChoiceLogprobs(content=entries[i]) if asked else None)
                  for i, m in enumerate(messages)])
 
 
@@ -112,6 +125,8 @@ async def completions(body: CompletionRequest, request: Request):
     outputs = _merge([s.generate(prompt, p, arrival) for prompt, p in jobs])
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [s.tokenizer.decode(prompt) if body.echo else "" for prompt, _ in jobs]
+    logprobs = Logprobs(s.tokenizer, body.stop_token_ids or ())
+    asked = body.logprob_count() is not None
 
     def usage(finals: list[RequestOutput]) -> Usage:
         return _make_usage(sum(o.num_prompt_tokens for o in finals[::len(params)]),
@@ -124,11 +139,17 @@ async def completions(body: CompletionRequest, request: Request):
 
         async def stream() -> AsyncIterator[str]:
             last: dict[int, RequestOutput] = {}
+            offsets = [0] * len(jobs)
+            pending: list[list[TokenLogprobOut]] = [[] for _ in jobs]  # of tokens whose text is held back
             try:
                 async for i, out in outputs:
                     text, echo[i] = echo[i] + out.text, ""
+                    pending[i] += logprobs.entries(out)
                     if text or out.finished:
-                        yield chunk([CompletionChoice(index=i, text=text, finish_reason=out.finish_reason)])
+                        lp = logprobs.completion(pending[i], offsets[i]) if asked else None
+                        offsets[i], pending[i] = offsets[i] + len(text), []
+                        yield chunk([CompletionChoice(index=i, text=text, finish_reason=out.finish_reason,
+                                                      logprobs=lp)])
                     if out.finished:
                         last[i] = out
             except APIError as e:
@@ -141,13 +162,16 @@ async def completions(body: CompletionRequest, request: Request):
         return sse_response(stream())
 
     texts, last = list(echo), {}
+    entries: list[list[TokenLogprobOut]] = [[] for _ in jobs]
     async for i, out in until_disconnected(request, outputs):
         texts[i] += out.text
+        entries[i] += logprobs.entries(out)
         if out.finished:
             last[i] = out
     finals = [last[i] for i in range(len(jobs))]
     return Completion(id=rid, created=created, model=s.model_name, usage=usage(finals),
-                      choices=[CompletionChoice(index=i, text=t, finish_reason=o.finish_reason)
+                      choices=[CompletionChoice(index=i, text=t, finish_reason=o.finish_reason,
+                                                logprobs=logprobs.completion(entries[i]) if asked else None)
                                for i, (t, o) in enumerate(zip(texts, finals))])
 
 
@@ -182,21 +206,6 @@ def _check_messages(messages: list[ChatMessage]) -> None:
                                     "earlier assistant message", param=f"messages.{i}.tool_call_id")
 
 
-def _thinking(body: ChatCompletionRequest) -> tuple[bool, bool]:
-    """(thinking, preserve_thinking) from `thinking` or `chat_template_kwargs`. Thinking is on
-    unless turned off: Moonshot's default for Kimi's thinking models on its OpenAI-compatible API
-    (the Anthropic endpoint keeps Anthropic's default, off; see docs/claude-code.md)."""
-    thinking, preserve = True, False
-    if body.thinking is not None:
-        thinking, preserve = body.thinking.type != "disabled", bool(body.thinking.preserve)
-    kwargs = body.chat_template_kwargs or {}
-    for key in ("thinking", "enable_thinking"):
-        if key in kwargs:
-            value = kwargs[key]
-            thinking = value.get("type") != "disabled" if isinstance(value, dict) else bool(value)
-    return thinking, bool(kwargs.get("preserve_thinking", preserve))
-
-
 def _grammar(body: ChatCompletionRequest, messages: list[dict]) -> tuple[str, str] | None:
     """(grammar, the field asking for it) when a forced tool call (tool_choice required or named) or
     a JSON response_format holds the reply to a grammar; such replies are answered without thinking
@@ -229,7 +238,7 @@ def _sampling(body: Sampling, max_tokens: int | None) -> list[SamplingParams]:
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         seed=None if body.seed is None else body.seed + i, max_tokens=max_tokens, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty) for i in range(body.n)]
+        frequency_penalty=body.frequency_penalty, logprobs=body.logprob_count()) for i in range(body.n)]
 
 
 def _prompt_ids(s: Serving, prompt) -> list[list[int]]:

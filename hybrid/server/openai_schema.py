@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 
 # Integers that reach the sampler's tensors and generators must fit them (a larger seed is a 400,
@@ -87,6 +87,28 @@ class Thinking(Request):
     preserve: bool | None = None
 
 
+class ThinkingSwitches(Request):
+    """Moonshot's extensions (sent through `extra_body`): `thinking: {type, preserve}`, or
+    `chat_template_kwargs: {thinking, preserve_thinking}`."""
+
+    thinking: Thinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def thinking_switches(self) -> tuple[bool, bool]:
+        """(thinking, preserve_thinking). Thinking is on unless turned off: Moonshot's default for Kimi's
+        thinking models on its OpenAI-compatible API (the Anthropic endpoint keeps Anthropic's default,
+        off; see docs/claude-code.md)."""
+        thinking, preserve = True, False
+        if self.thinking is not None:
+            thinking, preserve = self.thinking.type != "disabled", bool(self.thinking.preserve)
+        kwargs = self.chat_template_kwargs or {}
+        for key in ("thinking", "enable_thinking"):
+            if key in kwargs:
+                value = kwargs[key]
+                thinking = value.get("type") != "disabled" if isinstance(value, dict) else bool(value)
+        return thinking, bool(kwargs.get("preserve_thinking", preserve))
+
+
 class Sampling(Request):
     """Fields shared by chat and plain completions."""
 
@@ -106,22 +128,48 @@ class Sampling(Request):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
 
+    def logprob_count(self) -> int | None:
+        """How many alternatives to report with each token's log-probability (None: no log-probabilities)."""
+        return None
 
-class ChatCompletionRequest(Sampling):
+
+class ChatCompletionRequest(Sampling, ThinkingSwitches):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    thinking: Thinking | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo would need the prompt's log-probabilities, which this server "
+                             "does not compute; send one or the other")
+        return value
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -150,6 +198,28 @@ class Usage(BaseModel):
     completion_tokens_details: CompletionTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str  # the token's text; `bytes:\xe2\x80` for a piece of a UTF-8 character
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class FunctionCallOut(Sparse):
     name: str | None = None
     arguments: str = ""
@@ -174,7 +244,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -198,6 +268,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -213,7 +284,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -1,5 +1,6 @@
 """What every API's handlers share: the engine thread, the tokenizer, the served name, metrics;
-rendering a conversation into prompt ids, and running a request with its metrics recorded."""
+rendering a conversation into prompt ids, holding a reply to what the request asks (a grammar, a
+thinking budget), and running a request with its metrics recorded."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import torch
 
 from hybrid.api import load_model
 from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, RequestOutput, SamplingParams
+from hybrid.engine.constrained import OneToolCall, ThinkingBudget, json_grammar, tool_call_grammar
+from hybrid.engine.grammar import GrammarError, GrammarProcessor
+from hybrid.server.conversation import Conversation
 from hybrid.server.errors import APIError
 from hybrid.server.metrics import Metrics
+from hybrid.server.tool_ids import next_call_index
 from hybrid.tokenizer import Tokenizer
 from placement.profile import Profile
 
@@ -84,6 +89,30 @@ class Serving:
                      "reasoning_content": m.get("reasoning_content") or m.get("reasoning")} for m in messages]
         return self.tokenizer.apply_chat_template(kimi_tool_ids(messages), tools or None, thinking=thinking,
                                                   preserve_thinking=preserve_thinking)
+
+    def conversation_prompt(self, c: Conversation) -> list[int]:
+        return self.chat_prompt(c.messages, c.tools, c.thinking, c.preserve)
+
+    def constrain(self, params: SamplingParams, c: Conversation, prompt_len: int) -> None:
+        """Hold the reply to what the conversation asks: a forced tool call or a structured answer to
+        its grammar, enabled thinking to its budget, the tool calls to one."""
+        if c.forced:
+            self.hold(params, tool_call_grammar(c.forced, next_call_index(c.messages)), "tool_choice", prompt_len)
+        elif c.answer_schema is not None:
+            self.hold(params, json_grammar(c.answer_schema), c.answer_param, prompt_len)
+        elif c.thinking and c.thinking_budget:
+            params.logits_processors.append(ThinkingBudget(self.tokenizer, c.thinking_budget))
+        if c.one_call and c.tools and not c.forced:
+            params.logits_processors.append(OneToolCall(self.tokenizer))
+
+    def hold(self, params: SamplingParams, grammar: str, param: str, prompt_len: int) -> None:
+        """Hold the reply to `grammar` within its token budget; a 400 naming `param` if it cannot be."""
+        room = self.engine.engine.max_model_len - prompt_len
+        try:
+            processor = GrammarProcessor(self.tokenizer, grammar, min(params.max_tokens or room, room))
+        except GrammarError as e:
+            raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
+        params.logits_processors.append(processor)
 
     def check_prompt(self, prompt_ids: list[int], param: str = "messages") -> None:
         """A prompt that cannot fit is the client's error (400), found before any response starts."""

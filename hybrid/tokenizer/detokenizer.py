@@ -16,8 +16,7 @@ class Detokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        markers = tokenizer.tool_call_ids | {tokenizer.think_start_id, tokenizer.think_end_id}
-        self._dropped = frozenset(tokenizer.special.values()) - markers
+        self._dropped = silent_ids(tokenizer)
 
     def feed(self, token_id: int) -> str:
         if token_id in self._dropped:
@@ -27,3 +26,9 @@ class Detokenizer:
     def flush(self) -> str:
         """What is left at the end of the sequence (a truncated character becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
+
+
+def silent_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The special tokens that write no text: all but the markers the parsers read."""
+    markers = tokenizer.tool_call_ids | {tokenizer.think_start_id, tokenizer.think_end_id}
+    return frozenset(tokenizer.special.values()) - markers
