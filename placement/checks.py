@@ -113,7 +113,7 @@ def _cpu(p: Profile, out: list) -> None:
     c, cpu, quant = p.cpu, p.hardware.cpu, p.model.quant
     if c.threads > cpu.cores:
         out.append(Problem("cpu.threads", f"{c.threads} threads but the machine has {cpu.cores} physical cores",
-                           f"use at most {cpu.cores}; {max(1, cpu.cores - 1)} leaves a core to the driving thread"))
+                           f"use at most {cpu.cores} (all of them: the runtime leaves the last to the driving thread)"))
     if c.threadpools > min(c.threads, cpu.numa_nodes):
         out.append(Problem("cpu.threadpools", f"{c.threadpools} pools for {c.threads} threads on "
                            f"{cpu.numa_nodes} NUMA node(s)", f"use one per NUMA node: {cpu.numa_nodes}"))

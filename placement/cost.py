@@ -22,11 +22,12 @@ CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of
 TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read bandwidth
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
 # (hybrid/model/dense_kernel.py): oneDNN where the CPU has bf16 instructions, else torch's matmul.
-# Per kernel: the share of the host read bandwidth it reaches for one token (measured on the mini
-# preset, Zen 4), and bf16 GEMM FLOP/s per core (measured: Zen 4 0.2; AVX2 0.01, no bf16 units).
-DENSE_EFFICIENCY = {"onednn": 0.8, "torch": 0.5}
+# Per kernel: the share of the host read bandwidth (a torch sum, all threads) it reaches for one
+# token (measured on Zen 4: oneDNN 24 of 38-52 GB/s, torch 14), and bf16 GEMM FLOP/s per core
+# (measured: Zen 4 0.2; AVX2 0.01, no bf16 units).
+DENSE_EFFICIENCY = {"onednn": 0.55, "torch": 0.3}
 DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
-CPU_MODULE_OVERHEAD_S = 0.3e-3  # per module on the CPU: its small ops and thread wake-ups (measured)
+CPU_MODULE_OVERHEAD_S = 0.6e-3  # per module on the CPU: its small ops and thread wake-ups (measured)
 PREFILL_TFLOPS_PER_THREAD = {  # expert FLOP/s per kt thread on long prompts
     "int4_kgroup": 1.0 / 15,  # RAWINT4, measured 1.0 TFLOP/s on 15 threads
     "amx_int4": 9.4 / 15,  # measured 9.4 TFLOP/s on 15 threads

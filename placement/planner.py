@@ -79,10 +79,11 @@ def choose_cpu(spec: ModelSpec, hw: Hardware) -> CpuSection:
     proves each kernel at load), unless the machine is known to run another backend (what
     `hybrid doctor` found here): INT4 checkpoints run as stored, float and FP8 ones are
     re-quantized for AMX (int8 when all experts fit in RAM that way, else int4) or run as bf16.
-    Without AVX2, the portable torch backend. Threads: every physical core but one, which the
-    driving thread keeps (kt-kernel's sync spins)."""
+    Without AVX2, the portable torch backend. Threads: every physical core (kt-kernel's compute
+    threads take all but the last, which the driving thread shares with kt's queue and a share of
+    each expert's rows; hybrid/experts/kt_backend.py)."""
     cpu, a = hw.cpu, spec.arch
-    threads = max(1, cpu.cores - 1)
+    threads = cpu.cores
     pools = min(cpu.numa_nodes, threads)
     backend = cpu.expert_backend or ("kt" if cpu.has("avx2") else "torch")
     if a.quant == "int4":

@@ -64,7 +64,7 @@ def test_one_4090_holds_the_dense_part_and_a_context_that_fits():
     assert p.device_of("attention", 0) == p.device_of("shared", 60) == p.device_of("lm_head") == "cuda:0"
     assert p.device_of("embed") == "cpu"
     assert gpu_experts(p) == 0 and 16384 < p.kv_cache.context_length < 131072
-    assert (p.cpu.backend, p.cpu.method, p.cpu.threads, p.cpu.threadpools) == ("kt", "int4_kgroup", 63, 2)
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads, p.cpu.threadpools) == ("kt", "int4_kgroup", 64, 2)
     assert p.problems() == []
 
 
@@ -91,7 +91,7 @@ def test_avx2_machines_run_int4_as_stored_on_kt():
     """kt-kernel's AVX2 build runs INT4 in place and the runtime proves it at load, so an AVX2 CPU
     gets kt; a float model runs as bf16 there (no AMX to quantize for)."""
     p = plan(TINY, describe([], "8GB", cores=4, isa="avx2"))
-    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("kt", "int4_kgroup", 3)
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("kt", "int4_kgroup", 4)
     assert plan(DEEPSEEK, describe(["4090"], "2TB", cores=64, isa="avx2")).cpu.method == "bf16"
     kimi = plan(KIMI, describe(["4090"], "1TB", cores=64, isa="avx2"))
     assert (kimi.cpu.backend, kimi.cpu.method) == ("kt", "int4_kgroup")

@@ -67,7 +67,7 @@ def test_hybrid_plan_prints_the_placement_for_profile_a(tmp_path):
     assert result.exit_code == 0, result.output
     text = result.output
     for needle in ("Placement (GiB)", "cuda:0", "layers 0-60: attn, router, shared, dense", "lm_head",
-                   "23,040 routed experts (int4_kgroup on kt, 63 threads)", "KV cache: 39,616 tokens",
+                   "23,040 routed experts (int4_kgroup on kt, 64 threads)", "KV cache: 39,616 tokens",
                    "Predicted speed: decode", "CPU expert bytes / host bandwidth", "GPU memory reads", "total"):
         assert needle in text, needle
     shipped = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_1x4090_1tb.yaml")
@@ -86,7 +86,7 @@ def test_hybrid_plan_refusal_is_a_message_not_a_traceback():
 def test_emit_sglang_and_llamacpp():
     p = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_1xh100_768gb.yaml")
     cmd = sglang(p, "/models/kimi")
-    for flag in ("--kt-method RAWINT4", "--kt-weight-path /models/kimi", "--kt-cpuinfer 63",
+    for flag in ("--kt-method RAWINT4", "--kt-weight-path /models/kimi", "--kt-cpuinfer 64",
                  "--kt-threadpool-count 2", f"--kt-num-gpu-experts {sum(map(len, p.gpu_experts.values())) // 60}",
                  f"--kt-gpu-prefill-token-threshold {p.prefill.stream_threshold_tokens}",
                  "--tensor-parallel-size 1", "--max-total-tokens 131072"):

@@ -102,8 +102,8 @@ class MLA(nn.Module):
 
     def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Per-head keys and values from the latents, then attention: torch's fused kernel on a
-        GPU; on the CPU, blocks of queries through two bf16 GEMMs each (torch's CPU kernel falls
-        back to unfused math for MLA's unequal key and value widths, 4x slower)."""
+        GPU; on the CPU, blocks of queries through two GEMMs each, scores in fp32 (torch's CPU kernel
+        falls back to unfused math for MLA's unequal key and value widths, 3x slower)."""
         ctx, h = latent.shape[0], self.n_heads
         k_nope = F.linear(latent, self.w_uk.view(h * self.nope, self.rank)).view(ctx, h, self.nope)
         v = F.linear(latent, self.w_uv.view(h * self.v_dim, self.rank)).view(ctx, h, self.v_dim).transpose(0, 1)
@@ -113,6 +113,7 @@ class MLA(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
         out = torch.empty(q.shape[1], h, self.v_dim, dtype=q.dtype, device=q.device)
         block = max(16, SCORES_BYTES // (h * ctx * 4))
+        q, k = q.float(), k.float()  # scores rounded to bf16 would move each probability by ~0.4%
         for s in range(0, q.shape[1], block):
             e = min(q.shape[1], s + block)
             keys = int(mask[e - 1].nonzero().max()) + 1  # causal: later keys are masked for every query here
