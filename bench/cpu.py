@@ -20,14 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
+import hybrid  # first: it sets OpenMP's spin before torch loads
+from hybrid import breakdown
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown, save  # noqa: E402
 
-from hybrid import breakdown  # noqa: E402
+
 from hybrid.api import HybridModel, load_model  # noqa: E402
 from hybrid.default_model import preset_model  # noqa: E402
 from hybrid.experts import cpu  # noqa: E402
@@ -103,7 +106,8 @@ def main() -> None:
     folder = preset_model(args.preset, console.print)
     with console.status("measuring host bandwidth and GEMM peaks"):
         bws, gemm = [host_gbps()], gemm_tflops()
-    console.print(f"{cpu.describe()}; torch threads {torch.get_num_threads()}")
+    console.print(f"{cpu.describe()}; torch threads {torch.get_num_threads()}; OpenMP yields its cores: "
+                  f"{hybrid.OPENMP_YIELDS}")
     start = time.time()
     runs = {}
     for name, dense in (("baseline", "torch"), ("runtime", fastest())):

@@ -1,6 +1,7 @@
 import json
 
 import openai
+import hybrid  # noqa: F401  (first: it sets OpenMP's spin before torch loads, as the `hybrid` command does)
 import pytest
 import torch
 

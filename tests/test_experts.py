@@ -330,3 +330,31 @@ def test_kt_avx2_build_is_right(threads):
     assert "KERNEL avx2 AVX2RawInt4_MOE" in run.stdout
     errors = [float(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("ERR")]
     assert len(errors) == 3 and max(errors) <= 2e-2, errors
+
+
+@pytest.mark.skipif(cpu.kt().reason is not None or len(cpu.expert_cores()) < 2,
+                    reason="kt-kernel cannot run here, or one core leaves nothing to share")
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_kt_threads_yield_to_torch_only_when_openmp_gives_the_cores_back(torch_first):
+    """Imported first, hybrid shortens OpenMP's spin, and kt's compute threads run at nice 19 below
+    torch's; imported after torch, it cannot, and they keep normal priority (else torch's spinning
+    threads would starve them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = textwrap.dedent(f"""
+        {'import torch' if torch_first else ''}
+        import os, hybrid, torch, sys
+        sys.path.insert(0, "tests")
+        from test_experts import int4_weights
+        from hybrid.experts.kt_backend import KTExperts, _threads
+        KTExperts(int4_weights()[0], 0)
+        nice = [int(open(f"/proc/self/task/{{t}}/stat").read().rsplit(")", 1)[1].split()[16])
+                for t, name in _threads().items() if name.startswith("numa_")]
+        print("RESULT", hybrid.OPENMP_YIELDS, os.environ.get("GOMP_SPINCOUNT"), nice)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    yields, spin, nice = run.stdout.split("RESULT")[1].split(maxsplit=2)
+    if torch_first:
+        assert (yields, spin) == ("False", "None") and set(eval(nice)) == {0}
+    else:
+        assert (yields, spin) == ("True", "5000") and set(eval(nice)) == {19}

@@ -10,8 +10,10 @@ How kt-kernel runs a task, and what follows from it:
   ticks. So the pool's compute threads get N-1 cores, one each, and the queue thread is pinned to
   the last core at idle priority: it spins only when nothing else wants that core.
 - The compute threads spin ~50 ms after each task, longer than the dense layers between two MoE
-  layers take: at nice 19 they yield their cores to torch's threads at once (and torch's OpenMP
-  threads sleep when idle, see `hybrid/__init__.py`, so they give them back).
+  layers take: at nice 19 they yield their cores to torch's threads at once. That needs torch's
+  OpenMP threads to give the cores back soon after each op (`hybrid.OPENMP_YIELDS`: a short spin
+  set before torch loaded); with libgomp's default spin they would starve kt (4x slower experts,
+  measured), so then the compute threads keep normal priority.
 - That core is the caller's: in `wait()` it computes the last rows of every expert's intermediate
   dimension with torch while kt computes the others, then blocks in `sync()`, which leaves the
   core to the queue thread. The split is fixed at load, sized by the kernels' relative speed.
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import hybrid
 from hybrid.atomic import atomic_dir
 from hybrid.experts import cpu
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
@@ -152,7 +155,7 @@ class Pool:
                 continue
             if name.startswith("numa_"):  # numa_<node>_m_<i> (thread 0 of a subpool) or numa_<node>_t_<i>
                 node, _, i = name[5:].split("_")
-                _place(tid, nodes[int(node)][int(i)], nice=19)
+                _place(tid, nodes[int(node)][int(i)], nice=19 if hybrid.OPENMP_YIELDS else 0)
             elif self.caller_core is not None:  # the queue thread
                 _place(tid, self.caller_core, idle=True)
                 with contextlib.suppress(OSError):
