@@ -59,7 +59,8 @@ def test_serve_says_what_it_serves_once_it_accepts_connections(started):
     process, url, lines, accepted = started
     assert accepted, "\n".join(lines)
     text = "\n".join(lines)
-    for said in ("model: tiny", "placement:", "CPU experts: ", "threads", "context: ", "KV cache ", "thinking: ",
+    for said in ("model: tiny", "placement:", "CPU experts: ", "threads", "CPU dense projections: ", "context: ",
+                 "KV cache ", "thinking: ",
                  f"serving tiny at {url}"):
         assert said in text, text
     assert lines[-1].startswith("serving") and f"{url}/anthropic" in lines[-1]

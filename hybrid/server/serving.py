@@ -67,6 +67,7 @@ class Serving:
             + (f", {hot:,} of them on GPUs" if hot else "")
             + (f"; prompts of {p.stream_threshold:,}+ tokens stream experts to the GPU" if p.stream_threshold else ""),
             *(f"CPU experts: {k}" for k in kernels),
+            f"CPU dense projections: {model.dense_kernel}",
             f"context: {engine.max_model_len:,} tokens per request; KV cache {pages.num_pages * pages.page_size:,} "
             f"tokens ({pages.num_pages:,} pages of {pages.page_size}), up to {engine.config.max_running} requests "
             f"at once, {engine.config.max_batch_tokens:,} tokens per step",
