@@ -22,6 +22,7 @@ from hybrid.api import HybridModel
 from hybrid.model.attention import MLA
 from hybrid.model.batch import ForwardBatch
 from hybrid.model.moe import MLP, MoE, Router
+from placement.cost import touched
 
 PARTS = ("attention", "dense MLP", "shared experts", "router", "routed experts", "lm_head", "sampling", "overhead")
 
@@ -111,8 +112,6 @@ def _sizes(hm: HybridModel) -> tuple[dict[str, int], dict[str, int]]:
         part = _part(name, module)
         if part in (None, "moe"):
             continue
-        if part == "dense MLP" and ".mlp.shared_experts" in name:
-            continue
         held = weights(module)
         b[part] += sum(w.numel() * w.element_size() for w in held)
         n[part] += sum(w.numel() for w in held)
@@ -127,7 +126,7 @@ def decode_floor(hm: HybridModel, context: int, host_gbps: float, batch: int = 1
     """Seconds each part must take to read what one decode step of `batch` sequences needs."""
     cfg, (b, _) = hm.config, _sizes(hm)
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    distinct = e * (1 - (1 - k / e) ** batch)  # experts the batch touches per layer, in expectation
+    distinct = e * touched(k / e, batch)  # experts the batch reads per layer, in expectation
     kv = batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     need = {"attention": b["attention"] + kv, "dense MLP": b["dense MLP"], "shared experts": b["shared experts"],
             "router": b["router"], "routed experts": distinct * b["expert"], "lm_head": b["lm_head"],

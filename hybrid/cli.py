@@ -152,16 +152,18 @@ def bench(
     from rich.console import Console
 
     from hybrid.default_model import resolve_model
+    from hybrid.api import load_model
     from hybrid.tuning import compare, parts, profile_for
 
     console = Console()
     folder = resolve_model(model, console.print)
     p = profile_for(folder, profile)
     with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
-        table = compare(folder, p, prompt, decode)
+        loaded = load_model(folder, p)
+        table = compare(loaded, p, prompt, decode)
     console.print(table)
     with console.status("timing one decode step and one prefill by part, and this machine's floors"):
-        tables = parts(folder, p, prompt)
+        tables = parts(loaded, prompt)
     for t in tables:
         console.print(t)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from hybrid.api import load_model
+from hybrid.api import HybridModel, load_model
 from hybrid.measure import measure
 
 
@@ -32,15 +32,15 @@ def profile_for(folder: Path, path: Path | None):
     return plan(ModelSpec.from_config(folder), with_proven_backend(detect()))
 
 
-def compare(folder: Path, profile, prompt: int, decode: int) -> Table:
+def compare(model: HybridModel, profile, prompt: int, decode: int) -> Table:
     from placement import cost
 
     spec = profile.spec()
     fig = cost.figures(profile.hardware, profile.cpu.backend, profile.cpu.method, profile.cpu.threads)
     want_decode, decode_ms = cost.decode(profile, spec, fig)
     want_prefill, prefill_ms = cost.prefill(profile, spec, fig, prompt=prompt)
-    got = measure(load_model(folder, profile), prompt, decode)
-    table = Table(title=f"{folder.name}: measured vs predicted ({profile.hardware.summary()})")
+    got = measure(model, prompt, decode)
+    table = Table(title=f"{model.folder.name}: measured vs predicted ({profile.hardware.summary()})")
     for col in ("phase", "measured tok/s", "predicted tok/s", "measured / predicted", "measured ms", "predicted ms"):
         table.add_column(col, justify="right")
     for phase, tok_s, want, ms, pred_ms in (
@@ -53,13 +53,12 @@ def compare(folder: Path, profile, prompt: int, decode: int) -> Table:
     return table
 
 
-def parts(folder: Path, profile, prompt: int) -> list:
+def parts(model: HybridModel, prompt: int) -> list:
     """One decode step and one prefill of `prompt` tokens by part, each beside its floor measured
     now on this machine (host bandwidth for decode, the best GEMM peak for prefill)."""
     from hybrid import breakdown
     from hybrid.measure import gemm_tflops, host_gbps
 
-    model = load_model(folder, profile)
     gbps, peaks = host_gbps(), gemm_tflops()
     decode = breakdown.decode_step(model)
     decode.floor = breakdown.decode_floor(model, 128, gbps)

@@ -109,18 +109,24 @@ class Breakdown:
         return ms
 
 
+def touched(share: float, tokens: int) -> float:
+    """The chance that an expert each token picks with probability `share` is picked by one of
+    `tokens` tokens: the share of a layer's experts a batch reads, under uniform routing."""
+    return 1 - (1 - min(1.0, share)) ** tokens
+
+
 def _experts(spec: ModelSpec, gpu_ids: list[int], freq: list[float] | None, tokens: int):
     """(distinct GPU experts touched, distinct CPU experts touched, share of picks on the GPU)."""
     a = spec.arch
     e, k = a.n_routed_experts, a.num_experts_per_tok
     if freq is None:
-        touched = 1 - (1 - k / e) ** tokens
+        hit = touched(k / e, tokens)
         g = len(gpu_ids)
-        return g * touched, (e - g) * touched, g / e
+        return g * hit, (e - g) * hit, g / e
     on_gpu = set(gpu_ids)
     gpu = cpu = share = 0.0
     for i, f in enumerate(freq):
-        t = 1 - (1 - min(1.0, k * f)) ** tokens
+        t = touched(k * f, tokens)
         if i in on_gpu:
             gpu, share = gpu + t, share + f
         else:
@@ -224,7 +230,7 @@ def stream_threshold(spec: ModelSpec, fig: Figures, method: str, cpu_experts: fl
 
     def wins(t: int) -> bool:
         picks = t * k * cpu_share
-        cpu_s = max(cpu_experts * (1 - (1 - k / e) ** t) * spec.expert_host_bytes(method) / (fig.host_gbps * 1e9),
+        cpu_s = max(cpu_experts * touched(k / e, t) * spec.expert_host_bytes(method) / (fig.host_gbps * 1e9),
                     picks * flops / (fig.cpu_prefill_tflops * 1e12))
         return max(stream_s, picks * flops / (fig.gpu_tflops[gpu] * 1e12)) < cpu_s
 

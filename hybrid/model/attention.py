@@ -79,8 +79,9 @@ class MLA(nn.Module):
             rows = rows.to(x.device)
             out[rows] = self._absorbed(q_nope[rows, None], q_rope[rows, None], ctx_latent, ctx_rope,
                                        mask.to(x.device)[:, None])[:, 0]
+        done = set(seqs)
         for i, (start, q_len) in enumerate(zip(itertools.accumulate([0, *batch.q_lens]), batch.q_lens)):
-            if i in seqs:
+            if i in done:
                 continue
             rows = slice(start, start + q_len)
             if cache is None:

@@ -9,7 +9,7 @@ fault a 400 naming its field.
   another kind. Whether earlier turns' reasoning reaches the prompt is the chat template's choice:
   Kimi keeps it only within the current tool-call loop, all of it with `thinking.preserve`.
 - `function_call_output` becomes a tool result; its `call_id` must answer an earlier call.
-- Images and files become a short placeholder: the model reads text.
+- Images and files are refused (400): the model reads text only.
 - Function tools are declared to the model; a namespace's functions as `{namespace}.{name}` (a name
   no plain function can have: OpenAI's function names are letters, digits, `_` and `-`).
   OpenAI's built-in tools (web search, file search, computer use, code interpreter, ...) are refused:
