@@ -142,6 +142,44 @@ def test_tool_history_with_client_ids_is_accepted(client):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_client_tool_ids_become_kimis_numbered_over_the_conversation(client, serving, engine, monkeypatch):
+    """Kimi numbers calls `functions.{name}:{idx}` over the whole conversation (FACTS.md §4): two
+    calls in one turn, their results sent back in the other order, a client id reused by a later
+    turn, and a forced call after all of them, which must be number 3."""
+    def call(call_id, city):
+        return {"id": call_id, "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    history = HI + [
+        {"role": "assistant", "content": None, "tool_calls": [call("call_x7", "Paris"), call("call_y8", "Oslo")]},
+        {"role": "tool", "tool_call_id": "call_y8", "content": "5C"},
+        {"role": "tool", "tool_call_id": "call_x7", "content": "18C"},
+        {"role": "user", "content": "And Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_x7", "Rome")]},
+        {"role": "tool", "tool_call_id": "call_x7", "content": "25C"}]
+    replies = []
+    generate = serving.generate
+
+    async def recording(prompt_ids, params, arrival=None):
+        async for out in generate(prompt_ids, params, arrival):
+            replies.extend(out.token_ids)
+            yield out
+
+    monkeypatch.setattr(serving, "generate", recording)
+    r = client.chat.completions.create(model="tiny", messages=history, tools=WEATHER, max_tokens=64,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    prompt = serving.tokenizer.decode(engine.prompts[-1])
+    assert re.findall(r"<\|tool_call_begin\|>(.*?)<\|tool_call_argument_begin\|>(.*?)<\|tool_call_end\|>", prompt) == [
+        ("functions.get_weather:0", '{"city": "Paris"}'), ("functions.get_weather:1", '{"city": "Oslo"}'),
+        ("functions.get_weather:2", '{"city": "Rome"}')]
+    assert re.findall(r"## Return of (\S+)\n(\w+)", prompt) == [
+        ("functions.get_weather:1", "5C"), ("functions.get_weather:0", "18C"), ("functions.get_weather:2", "25C")]
+    assert "call_x7" not in prompt and "call_y8" not in prompt
+    reply = serving.tokenizer.decode(replies)
+    assert reply.startswith(f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}functions.get_weather:3{TOOL_CALL_ARGS}"), reply
+    [forced] = r.choices[0].message.tool_calls
+    assert forced.id.startswith("call_") and forced.id not in ("call_x7", "call_y8")
+
+
 def test_logprobs_are_those_of_the_logits_the_engine_sampled_from(client, serving, sampled):
     tok = serving.tokenizer
     kw = dict(model="tiny", messages=HI, max_tokens=6, temperature=0.8, seed=7, logprobs=True, top_logprobs=3,
