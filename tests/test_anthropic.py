@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from hybrid.server import anthropic_api
+from hybrid.server.errors import APIError
 from hybrid.tokenizer.specials import IM_END, THINK_END
 
 from conftest import KEY, sse_events
@@ -42,33 +43,59 @@ def ids_of(serving, *parts: str) -> list[int]:
     return [i for p in parts for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
 
 
-def check_events(events: list[dict]) -> None:
+SDK_EVENTS = {"text", "thinking", "signature", "input_json", "citation"}  # the SDK helper's own, made from raw ones
+STOP_REASONS = {"end_turn", "max_tokens", "stop_sequence", "tool_use"}
+
+
+def check_events(events: list[dict]) -> tuple[list[dict], dict]:
     """The Messages stream grammar: message_start first, then blocks one at a time, each started at
-    the next index, given deltas of its own kind only while open, and stopped; then message_delta
-    and message_stop."""
-    events = [e for e in events if e["type"] in RAW_EVENTS and e["type"] != "ping"]
+    the next index, given deltas of its own kind only while open, and stopped; a thinking block's
+    signature is its last delta, a tool call's input_json_deltas join to a JSON object; then
+    message_delta with a stop reason and message_stop. Returns (the blocks the deltas build, the
+    message_delta)."""
+    events = [e for e in events if e["type"] not in SDK_EVENTS | {"ping"}]
+    assert {e["type"] for e in events} <= RAW_EVENTS - {"error"}, [e["type"] for e in events]
     assert events[0]["type"] == "message_start"
     assert [e["type"] for e in events[-2:]] == ["message_delta", "message_stop"]
-    kinds, open_index = [], None
+    delta = events[-2]
+    assert delta["delta"]["stop_reason"] in STOP_REASONS
+    blocks, open_index, json_text = [], None, ""
     for e in events[1:-2]:
         if e["type"] == "content_block_start":
-            assert open_index is None and e["index"] == len(kinds)
-            kinds.append(e["content_block"]["type"])
-            open_index = e["index"]
+            assert open_index is None and e["index"] == len(blocks)
+            blocks.append({k: v for k, v in e["content_block"].items() if v is not None})
+            open_index, json_text = e["index"], ""
         elif e["type"] == "content_block_delta":
-            assert e["index"] == open_index and DELTA_BLOCK[e["delta"]["type"]] == kinds[open_index]
+            block, d = blocks[-1], e["delta"]
+            assert e["index"] == open_index and DELTA_BLOCK[d["type"]] == block["type"]
+            assert not block.get("signature"), "a delta after the thinking block's signature"
+            if d["type"] == "input_json_delta":
+                json_text += d["partial_json"]
+            else:
+                field = d["type"].removesuffix("_delta")
+                block[field] += d[field]
         else:
             assert e["type"] == "content_block_stop" and e["index"] == open_index
+            block = blocks[-1]
+            if block["type"] == "thinking":
+                assert block["signature"], "a thinking block closed unsigned"
+            if block["type"] == "tool_use":
+                block["input"] = json.loads(json_text or "{}")
+                assert isinstance(block["input"], dict)
             open_index = None
     assert open_index is None
+    return blocks, delta
 
 
 def stream(client, **kw):
-    """(final message, events) through the SDK's stream helper."""
+    """(final message, events) through the SDK's stream helper; what the events build is the
+    final message."""
     with client.messages.stream(**kw) as s:
         events = [e.model_dump() for e in s]
         final = s.get_final_message()
-    check_events(events)
+    blocks, delta = check_events(events)
+    assert blocks == [b.model_dump(exclude_none=True) for b in final.content]
+    assert (delta["delta"]["stop_reason"], delta["delta"]["stop_sequence"]) == (final.stop_reason, final.stop_sequence)
     return final, events
 
 
@@ -138,6 +165,43 @@ def test_scripted_tool_calls_get_client_ids_numbered_over_the_conversation(clien
     assert block.id.startswith("toolu_") and block.id != "call_9"
     final, events = stream(client, model="m", max_tokens=64, tools=[WEATHER], messages=history)
     assert final.content[0].id == block.id and final.content[0].input == block.input
+
+
+def test_raw_stream_of_thinking_text_and_a_call_builds_the_plain_message(server, serving, engine):
+    """Every raw SSE event of a reply with reasoning, text and a tool call: the blocks the deltas
+    build, the stop reason of message_delta, are those of the same request not streamed."""
+    engine.script(ids_of(serving, "Let me think.", THINK_END, "Checking.", "<|tool_calls_section_begin|>",
+                         "<|tool_call_begin|>", "functions.get_weather:0", "<|tool_call_argument_begin|>",
+                         '{"city": "Oslo", "unit": "C"}', "<|tool_call_end|>", "<|tool_calls_section_end|>", IM_END))
+    body = {"model": "m", "max_tokens": 64, "tools": [WEATHER], "messages": HI,
+            "thinking": {"type": "enabled", "budget_tokens": 32}}
+    plain = httpx.post(server.url + "/v1/messages", headers={"x-api-key": KEY}, json=body).json()
+    r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": KEY}, json={**body, "stream": True})
+    blocks, delta = check_events(sse_events(r.text))
+    assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use"]
+    assert blocks[2]["input"] == {"city": "Oslo", "unit": "C"}
+    assert blocks == plain["content"] and delta["delta"]["stop_reason"] == plain["stop_reason"] == "tool_use"
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(server, serving, monkeypatch):
+    """After the first token the engine fails: the stream, already 200, ends with Anthropic's
+    `error` event (api_error) and no message_stop."""
+    generate = serving.generate
+
+    async def broken(prompt_ids, params, arrival=None):
+        outputs = generate(prompt_ids, params, arrival)
+        async for out in outputs:
+            yield out
+            await outputs.aclose()
+            raise APIError(500, "internal error: the engine failed")
+
+    monkeypatch.setattr(serving, "generate", broken)
+    r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": KEY},
+                   json={"model": "m", "max_tokens": 8, "messages": HI, "stream": True})
+    events = sse_events(r.text)
+    assert r.status_code == 200 and events[0]["type"] == "message_start"
+    assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "internal error: the engine failed"}}
+    assert not any(e["type"] in ("message_delta", "message_stop") for e in events)
 
 
 @pytest.mark.parametrize("preserve", [False, True])
