@@ -138,6 +138,23 @@ def test_streamed_prefill_equals_cpu_prefill(tiny_dir, ids, plain):
     assert got == tokens and rel(got_logits, logits) <= 1e-3
 
 
+def test_streamed_prefill_reuses_its_staging_slots_over_three_moe_layers(models_dir):
+    """Four layers, three of them MoE: the third MoE layer is staged into the slot the first one
+    used, while the second runs from the other; streamed logits are the plain ones."""
+    from hybrid.model.synthetic import write_checkpoint
+
+    folder = write_checkpoint(models_dir / "tiny_4_layers", seed=3, num_hidden_layers=4)
+    ids = torch.randint(0, 1280, (40,), generator=torch.Generator().manual_seed(9))
+    plain = load_model(folder, Placement.on("cpu", experts=TORCH), dtype=torch.float32)
+    streamed = load_model(folder, Placement.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
+    moes = [streamed.model.model.layers[i].mlp.experts for i in streamed.config.moe_layers]
+    assert len(moes) == 3 and all(m.streaming(40) for m in moes) and len({id(m.streamer) for m in moes}) == 1
+    assert rel(streamed.logits(ids), plain.logits(ids)) <= 1e-5
+    streamer = moes[0].streamer
+    assert len(streamer.slots) == 2 and not streamer.staged  # every staged copy was used
+    assert rel(streamed.logits(ids), plain.logits(ids)) <= 1e-5  # and the slots serve a second prompt
+
+
 def test_stats_count_every_routed_slot(tiny_dir, ids, tmp_path):
     stats = ActivationStats(16)
     model = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)
