@@ -11,7 +11,8 @@ from hybrid.api import load_model
 from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, SamplingParams
 from hybrid.engine.page_manager import PageManager
 from hybrid.engine.sampler import sample
-from hybrid.engine.sequence import Sequence
+from hybrid.engine.scheduler import Scheduler
+from hybrid.engine.sequence import Sequence, Status
 from hybrid.tokenizer import Tokenizer
 from placement.profile import Profile
 
@@ -141,6 +142,130 @@ def test_abort_frees_pages_at_once(model):
     assert engine.pages.num_used > 0
     assert engine.abort(rid).finish_reason == "abort"
     assert engine.pages.num_used == 0 and not engine
+
+
+def run_until(engine, done, got: dict[str, list[int]]) -> None:
+    """Step the engine until `done()` holds (at most 200 steps), adding its outputs to `got`."""
+    for _ in range(200):
+        if done():
+            return
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+    raise AssertionError("the state was never reached")
+
+
+def emptied(engine) -> bool:
+    return (engine.pages.num_used, len(engine.scheduler.waiting), len(engine.scheduler.running),
+            len(engine.requests)) == (0, 0, 0, 0)
+
+
+STATES = {
+    # state: (engine config, target prompt, how to tell the target reached the state)
+    "waiting": (dict(max_running=1), list(range(5, 25)), lambda seq: seq.status is Status.WAITING),
+    "half_prefilled": (dict(max_batch_tokens=8), list(range(5, 45)),
+                       lambda seq: seq.status is Status.RUNNING and 0 < seq.num_computed < seq.num_prompt_tokens),
+    "decoding": (dict(), list(range(5, 25)), lambda seq: seq.status is Status.RUNNING and seq.num_output_tokens >= 2),
+    "preempted": (dict(page_size=4, kv_cache_tokens=32), list(range(5, 12)),
+                  lambda seq: seq.status is Status.WAITING and seq.num_output_tokens > 0),
+}
+
+
+@pytest.mark.parametrize("state", list(STATES))
+def test_abort_in_every_state_frees_everything_and_leaves_the_others_exact(model, state):
+    """A request aborted while waiting, half-prefilled, decoding or preempted: its pages and its
+    place in the queues come back at once, and the requests around it get what they get alone."""
+    config, target, reached = STATES[state]
+    engine = Engine(model, config=EngineConfig(**config))
+    others = prompts(3, seed=4, low=6, high=9)
+    ids = [engine.add_request(p, GREEDY) for p in others[:1]]
+    rid = engine.add_request(target, SamplingParams(temperature=0, max_tokens=40))
+    ids += [engine.add_request(p, GREEDY) for p in others[1:]]
+    seq, got = engine.requests[rid], {i: [] for i in ids + [rid]}
+    run_until(engine, lambda: reached(seq), got)
+    held = len(seq.pages)
+    used = engine.pages.num_used
+    out = engine.abort(rid)
+    assert (out.finish_reason, out.finished, seq.status) == ("abort", True, Status.FINISHED)
+    assert engine.pages.num_used == used - held and engine.abort(rid) is None
+    assert seq not in engine.scheduler.waiting and seq not in engine.scheduler.running
+    while engine:
+        for o in engine.step():
+            assert o.request_id != rid
+            got[o.request_id] += o.token_ids
+    assert [got[i] for i in ids] == [model.generate(p, 12, stop_ids=engine.stop_ids) for p in others]
+    assert emptied(engine)
+
+
+def test_abort_all_ends_every_request_in_any_state(model):
+    engine = Engine(model, config=EngineConfig(max_batch_tokens=8, max_running=2))
+    ids = [engine.add_request(p, GREEDY) for p in prompts(4, seed=6, low=4, high=30)]
+    engine.step()
+    engine.step()
+    states = {engine.requests[i].status for i in ids}
+    assert states == {Status.RUNNING, Status.WAITING}
+    outs = engine.abort_all("shutdown", "the server is shutting down")
+    assert sorted(o.request_id for o in outs) == sorted(ids)
+    assert all((o.finish_reason, o.error) == ("shutdown", "the server is shutting down") for o in outs)
+    assert emptied(engine) and not engine and engine.step() == []
+
+
+def test_max_running_bounds_the_batch_and_the_outputs_stay_exact(model):
+    engine = Engine(model, config=EngineConfig(max_running=2))
+    batch = prompts(5, seed=7)
+    ids = [engine.add_request(p, GREEDY) for p in batch]
+    got, most = {i: [] for i in ids}, 0
+    while engine:
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+        most = max(most, len(engine.scheduler.running))
+        assert len(engine.scheduler.running) <= 2
+    assert most == 2
+    assert [got[i] for i in ids] == [model.generate(p, 12, stop_ids=engine.stop_ids) for p in batch]
+
+
+def test_preemption_takes_the_most_recently_admitted_sequence():
+    """Three decoding sequences, no free page: the last admitted goes back to the front of the
+    queue, its pages freed; the first two keep theirs and decode."""
+    pm = PageManager(num_pages=6, page_size=2)
+    scheduler = Scheduler(pm, max_batch_tokens=64, max_running=8)
+    seqs = [Sequence(f"r{i}", [1, 2, 3, 4], GREEDY, 8) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert [n for _, n in scheduler.schedule()] == [4, 4, 4] and pm.num_free == 0
+    for seq in seqs:  # each prompt computed, one token sampled: each needs a third page
+        seq.num_computed = 4
+        seq.token_ids.append(5)
+    batch = scheduler.schedule()
+    assert [(s.request_id, n) for s, n in batch] == [("r0", 1), ("r1", 1)]
+    assert scheduler.running == seqs[:2] and list(scheduler.waiting) == [seqs[2]]
+    assert seqs[2].status is Status.WAITING and seqs[2].pages == [] and [len(s.pages) for s in seqs[:2]] == [3, 3]
+
+
+def test_a_failing_step_ends_the_requests_in_flight_with_an_error_and_the_thread_serves_on(model, monkeypatch):
+    engine = Engine(model)
+    thread = EngineThread(engine).start()
+    run = engine.runner.run
+    failures = iter([RuntimeError("out of memory")])
+
+    def fail_once(scheduled):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return run(scheduled)
+
+    monkeypatch.setattr(engine.runner, "run", fail_once)
+
+    async def main():
+        broken = [o async for o in thread.generate(list(range(20)), GREEDY)]
+        fine = [o async for o in thread.generate(list(range(20)), GREEDY)]
+        return broken, fine
+
+    broken, fine = asyncio.run(asyncio.wait_for(main(), 120))
+    thread.stop()
+    assert [(o.finish_reason, o.error, o.token_ids) for o in broken] == [
+        ("error", "internal error: RuntimeError: out of memory", [])]
+    assert sum((o.token_ids for o in fine), []) == model.generate(list(range(20)), 12, stop_ids=engine.stop_ids)
+    assert emptied(engine)
 
 
 def test_engine_thread_serves_asyncio_and_aborts_a_consumer_that_leaves(model):
