@@ -1,7 +1,6 @@
 """Planner: placements on known machines, refusals, stats, and properties over random machines."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
