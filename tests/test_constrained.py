@@ -86,9 +86,11 @@ def test_a_model_that_never_closes_still_finishes_in_budget(tokenizer, seed):
     for ch, bonus in (("a", 9.0), ("7", 8.0), (",", 7.0), ("[", 6.0), ("{", 5.0)):
         stubborn[tokenizer.encode(ch)[0]] = bonus
     out: list[int] = []
-    while not out or out[-1] not in tokenizer.eos_ids:
-        assert len(out) < budget
+    for _ in range(budget):
         out.append(int(processor(out, stubborn.clone()).argmax()))
+        if out[-1] in tokenizer.eos_ids:
+            break
+    assert out[-1] in tokenizer.eos_ids, "no end within the budget"
     text = tokenizer.decode(out)
     assert text.startswith("<|tool_calls_section_begin|><|tool_call_begin|>functions.f:3<|tool_call_argument_begin|>")
     jsonschema.validate(arguments(text), schema)
@@ -99,9 +101,12 @@ def test_a_call_of_any_of_several_tools(tokenizer):
     processor = GrammarProcessor(tokenizer, tool_call_grammar(tools, 0), 200)
     gen = torch.Generator().manual_seed(0)
     out: list[int] = []
-    while not out or out[-1] not in tokenizer.eos_ids:
+    for _ in range(200):
         logits = processor(out, torch.randn(tokenizer.vocab_size, generator=gen) * 3)
         out.append(int(torch.multinomial(logits.softmax(-1), 1, generator=gen)))
+        if out[-1] in tokenizer.eos_ids:
+            break
+    assert out[-1] in tokenizer.eos_ids, "no end within the budget"
     name = tokenizer.decode(out).split("functions.", 1)[1].split(":", 1)[0]
     jsonschema.validate(arguments(tokenizer.decode(out)), tools[name])
 

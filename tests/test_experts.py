@@ -173,6 +173,42 @@ def test_quantized_cache_is_written_reused_and_rebuilt(float16, tmp_path, monkey
     assert torch.equal(rebuilt.wait(), expected) and manifest.stat().st_mtime_ns != stamp
 
 
+def test_cache_entries_are_whole_or_absent_on_every_cpu(tmp_path):
+    """The on-disk cache's own logic, without a kernel: an entry is valid only with its manifest's
+    key and every file at its size; a failed write leaves nothing; a stale entry and a dead run's
+    leftovers are cleared before the next write."""
+    import time
+
+    from hybrid.experts.kt_backend import CacheEntry
+
+    key = {"kernel": "K", "weights": "abc"}
+    entry = CacheEntry(tmp_path / "k" / "layer_1", key)
+    with pytest.raises(RuntimeError), entry.writing() as folder:
+        (folder / "part.kt").write_bytes(b"x" * 100)
+        raise RuntimeError("kt failed midway")
+    assert not entry.valid() and list((tmp_path / "k").iterdir()) == []
+    with entry.writing() as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "part.kt").write_bytes(b"x" * 100)
+    assert entry.valid() and not CacheEntry(entry.folder, {**key, "weights": "abd"}).valid()
+    (entry.folder / "sub" / "part.kt").write_bytes(b"x" * 99)
+    assert not entry.valid()
+    dead = tmp_path / "k" / ".layer_1.dead"
+    dead.mkdir()
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    with entry.writing() as folder:
+        (folder / "part.kt").write_bytes(b"y")
+    assert entry.valid() and not dead.exists() and not (entry.folder / "sub").exists()
+
+
+@pytest.mark.skipif(not (os.uname().machine == "x86_64" and cpu.has("avx2")),
+                    reason="kt-kernel needs an x86-64 CPU with AVX2")
+def test_kt_kernel_loads_where_it_should():
+    """On an x86-64 CPU with AVX2, `make install` gives a kt-kernel that must load: if it does not,
+    every kt test would skip and the suite would stay green, so this fails instead."""
+    assert cpu.kt().usable, cpu.kt().reason
+
+
 @pytest.mark.parametrize("make", [int4_weights, float_weights])
 def test_row_slices_add_up_to_the_layer(make):
     """The split kt-kernel and the caller's core share: rows [0, r) plus rows [r, I) is the layer."""
@@ -186,17 +222,21 @@ def test_row_slices_add_up_to_the_layer(make):
 
 
 @KT
-def test_split_and_thread_placement(int4):
+def test_one_core_is_not_shared(int4):
     from hybrid.experts.kt_backend import share_rows
 
     share = share_rows(2048, 64, "AMXInt4_KGroup_MOE", 1)
     assert share % 64 == 0 and 0 < share < 2048
     assert share_rows(128, 128, "AMXInt4_MOE", 3) == 0  # one tile of rows: nothing to share
+    backend = kt(int4[0], threads=1)
+    assert backend.share is None and backend.pool.caller_core is None
+
+
+@KT
+@pytest.mark.skipif(len(cpu.expert_cores()) < 2, reason="needs 2 physical cores to share a layer between")
+def test_split_and_thread_placement(int4):
     cores = cpu.expert_cores()
     backend = kt(int4[0])
-    if len(cores) < 2:
-        assert backend.share is None and backend.pool.caller_core is None
-        return
     assert 0 < backend.rows < I and backend.share is not None and backend.pool.caller_core == cores[-1]
     placed = {}
     for task in os.listdir("/proc/self/task"):
@@ -241,7 +281,9 @@ def test_options_and_cpu_facts():
         ExpertOptions(threads=0)
     assert set(cpu.isa()) == {"AMX", "AVX-512 BF16", "AVX-512 VNNI", "AVX-512", "AVX2"}
     assert cpu.expert_cores(1) == cpu.expert_cores()[:1]
-    assert dict(cpu.report())["AMX"] in ("yes", "no")
+    flags = open("/proc/cpuinfo").read().split()
+    assert dict(cpu.report())["AMX"] == ("yes" if {"amx_tile", "amx_int8", "amx_bf16"} <= set(flags) else "no")
+    assert dict(cpu.report())["AVX2"] == ("yes" if "avx2" in flags else "no")
 
 
 def _in_subprocess(code: str, **env) -> subprocess.CompletedProcess:
