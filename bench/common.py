@@ -15,23 +15,22 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    try:
-        import torch
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return {"cpu": cpu, "cores": psutil.cpu_count(logical=False), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "gpu": gpu, "python": platform.python_version()}
+    """The machine a figure was measured on, enough to tell an AVX-512 figure from an AVX2 one:
+    CPU model and instruction sets, the kt-kernel build that loaded, torch and its thread counts."""
+    import torch
+
+    from hybrid.experts import cpu
+
+    kt = cpu.kt()
+    return {"cpu": cpu.describe().rsplit(", ", 1)[0], "isa": [name for name, ok in cpu.isa().items() if ok],
+            "cores": psutil.cpu_count(logical=False), "logical_cpus": psutil.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "kt_kernel": kt.version, "kt_kernel_build": kt.variant, "kt_kernel_usable": kt.reason or "yes"}
 
 
 def save(name: str, figures: dict, markdown: str) -> Path:
@@ -41,9 +40,10 @@ def save(name: str, figures: dict, markdown: str) -> Path:
             "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **figures}, indent=2))
     m = meta["machine"]
-    header = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB"
-              f"{', ' + m['gpu'] if m['gpu'] else ', no GPU'}. Date: {meta['date']}. "
-              f"Command: `{meta['command']}`\n\n")
+    header = (f"Machine: {m['cpu']} ({', '.join(m['isa']) or 'no AVX2'}), {m['cores']} cores, {m['ram_gib']} GiB"
+              f"{', ' + m['gpu'] if m['gpu'] else ', no GPU'}; torch {m['torch']} ({m['torch_cpu_capability']}, "
+              f"{m['torch_threads']} threads), kt-kernel {m['kt_kernel']} `{m['kt_kernel_build']}` build. "
+              f"Date: {meta['date']}. Command: `{meta['command']}`\n\n")
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown)
     return path
