@@ -8,7 +8,10 @@ import torch
 import yaml
 
 from hybrid.api import load_model
+from hybrid.experts import ExpertOptions
+from hybrid.experts import cpu as cpu_facts
 from hybrid.model.synthetic import write_checkpoint
+from hybrid.scheduler.placement import Placement
 from placement.hardware import detect
 from placement.model_spec import ModelSpec
 from placement.planner import plan
@@ -19,6 +22,7 @@ TINY_PROFILE = Path(__file__).parent.parent / "profiles" / "tiny_cpu_2core.yaml"
 
 def test_tiny_model_follows_its_shipped_profile(tiny_dir):
     profile = Profile.load(TINY_PROFILE, model=tiny_dir)
+    kt_runs = cpu_facts.kt().usable and profile.cpu.backend == "kt"
     model = load_model(tiny_dir, TINY_PROFILE)
     m = model.model
     assert str(m.model.embed_tokens.weight.device) == profile.device_of("embed")
@@ -32,11 +36,18 @@ def test_tiny_model_follows_its_shipped_profile(tiny_dir):
             assert experts.defer == profile.decode.defer_experts
             assert experts.stream_threshold == profile.prefill.stream_threshold_tokens
             cpu = experts.cpu
-            assert cpu.name in (profile.cpu.backend, "torch")  # torch only where kt-kernel cannot run
-            if cpu.name == "kt":
-                assert cpu.method == profile.cpu.method and cpu.threads == profile.cpu.threads
+            if kt_runs:  # no fallback where the profile's kernel runs
+                assert (cpu.name, cpu.method, cpu.threads) == ("kt", profile.cpu.method, profile.cpu.threads)
+            else:
+                assert cpu.name == "torch"
     assert model.placement.kv_tokens == profile.kv_cache.max_tokens
-    assert model.logits(torch.arange(8)).shape == (8, model.config.vocab_size)
+    ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
+    exact = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="torch")), dtype=torch.float32)
+    want, got = exact.logits(ids), model.logits(ids).float()
+    # bf16 against float32 on a random-weight model: routing flips at some positions (measured
+    # 0.09 and 93% top-1 on a Zen 4 with kt-kernel); a wrong layer is off by far more
+    assert float((got - want).norm() / want.norm()) <= 0.15
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
 
 
 def test_runtime_refuses_an_invalid_profile_with_validate_messages(tiny_dir, tmp_path):
