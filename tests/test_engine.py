@@ -101,6 +101,32 @@ def test_page_manager_shares_prefix_pages_and_evicts_the_deepest_first():
     assert [page for _, page in pm.prefix_hits(Sequence("q", [1, 2, 3, 4, 5], GREEDY, 1))] == first_pages[:1]
 
 
+def test_a_reused_prefix_is_the_last_to_be_evicted():
+    """Least recently used first: X then Y are released, X is used again, so a new page
+    evicts Y's, and X's stays in the cache."""
+    pm = PageManager(num_pages=3, page_size=2)
+
+    def run(tokens):
+        seq = Sequence("r", tokens, GREEDY, 1)
+        pm.allocate(seq)
+        seq.num_computed = len(tokens)
+        pm.publish(seq)
+        pm.release(seq)
+        return seq
+
+    x = [1, 2, 9]  # one full page each, keyed; the last token's page is freed
+    y = [3, 4, 9]
+    run(x)
+    run(y)
+    reused = Sequence("x again", x, GREEDY, 1)
+    assert len(list(pm.prefix_hits(reused))) == 1
+    run(x)
+    assert pm.num_free == 3 and len(pm.evictable) == 2
+    run([5, 6, 7])  # two pages: the free one, then one cached page must go
+    assert len(list(pm.prefix_hits(Sequence("q", x, GREEDY, 1)))) == 1
+    assert list(pm.prefix_hits(Sequence("q", y, GREEDY, 1))) == []
+
+
 def test_stop_strings_and_tokens(model, tokenizer):
     engine = Engine(model, tokenizer)
     prompt = prompts(1, seed=3)[0]
