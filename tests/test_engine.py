@@ -2,6 +2,7 @@
 chunked, the prefix cache is shared and evicted, pages come back, sampling honours its parameters."""
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -79,16 +80,18 @@ def test_prefix_cache_shares_full_pages_of_a_second_turn(model):
     assert seq.output_ids == model.generate(second, 12, stop_ids=engine.stop_ids)
 
 
+def computed(pm: PageManager, tokens: list[int]) -> Sequence:
+    """A sequence given its pages, every token computed and its full pages keyed."""
+    seq = Sequence("r", tokens, GREEDY, 1)
+    pm.allocate(seq)
+    seq.num_computed = len(tokens)
+    pm.publish(seq)
+    return seq
+
+
 def test_page_manager_shares_prefix_pages_and_evicts_the_deepest_first():
     pm = PageManager(num_pages=4, page_size=2)
-
-    def run(tokens):
-        seq = Sequence("r", tokens, GREEDY, 1)
-        pm.allocate(seq)
-        seq.num_computed = len(tokens)
-        pm.publish(seq)
-        return seq
-
+    run = functools.partial(computed, pm)
     a = run([1, 2, 3, 4, 5])  # pages [1 2] [3 4] [5]: the two full ones are keyed
     first_pages = a.pages[:2]
     assert pm.num_used == 3 and len(pm.cached) == 2
@@ -107,12 +110,7 @@ def test_a_reused_prefix_is_the_last_to_be_evicted():
     pm = PageManager(num_pages=3, page_size=2)
 
     def run(tokens):
-        seq = Sequence("r", tokens, GREEDY, 1)
-        pm.allocate(seq)
-        seq.num_computed = len(tokens)
-        pm.publish(seq)
-        pm.release(seq)
-        return seq
+        pm.release(computed(pm, tokens))
 
     x = [1, 2, 9]  # one full page each, keyed; the last token's page is freed
     y = [3, 4, 9]
