@@ -40,6 +40,13 @@ def int4_weights(seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tensor, ...]
     return ExpertWeights("int4", gate, up, down, gs, us, ds), tuple(dense)
 
 
+def first_96_rows(w: ExpertWeights) -> ExpertWeights:
+    """The first 96 intermediate rows of INT4 experts: a size kt-kernel cannot run (it needs
+    multiples of 64)."""
+    return ExpertWeights("int4", w.gate[:, :96], w.up[:, :96], w.down[:, :, :12],
+                         w.gate_scale[:, :96], w.up_scale[:, :96], w.down_scale[:, :, :3])
+
+
 def float_weights(seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(seed)
     ws = [(torch.randn(E, out, inp, generator=g) / inp**0.5).to(torch.bfloat16)
@@ -253,14 +260,25 @@ def test_make_backend_picks_kt_and_refuses_what_it_cannot_run(int4, caplog):
     assert isinstance(make_backend(int4[0], 1), KTExperts)
     with pytest.raises(ValueError, match="int4_kgroup"):
         make_backend(int4[0], 1, ExpertOptions(method="amx_int8"))
-    odd, _ = int4_weights()
-    odd = ExpertWeights("int4", *(t[:, :96] for t in (odd.gate, odd.up)), odd.down[:, :, :12],
-                        odd.gate_scale[:, :96], odd.up_scale[:, :96], odd.down_scale[:, :, :3])
+    odd = first_96_rows(int4_weights()[0])
     with caplog.at_level(logging.WARNING):
         assert isinstance(make_backend(odd, 1), PackedInt4Experts)  # kt-kernel crashes on 96 rows
     assert "divisible by 64" in caplog.text
     with pytest.raises(RuntimeError, match="divisible by 64"):
         make_backend(odd, 1, ExpertOptions(backend="kt"))
+
+
+def test_a_shape_kt_refuses_still_gets_the_reference_result(int4):
+    """96 intermediate rows (kt-kernel needs multiples of 64): whichever kernel the default path
+    falls back to gives the layer's result, checked against the dense reference."""
+    weights, (gate, up, down) = int4
+    backend = make_backend(first_96_rows(weights), 1)
+    assert backend.name == "torch"
+    for tokens in (2, 7):
+        x, ids, w = routes("positions", tokens)
+        want = reference((gate[:, :96], up[:, :96], down[:, :, :96]), x.bfloat16(), ids, w)
+        backend.submit(x.bfloat16(), ids, w)
+        assert rel_err(backend.wait(), want) <= 2e-2, backend.kernel
 
 
 def test_fallback_says_so_once(int4, monkeypatch, caplog):
