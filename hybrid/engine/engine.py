@@ -8,7 +8,7 @@ import itertools
 import torch
 
 from hybrid.api import HybridModel
-from hybrid.engine.config import EngineConfig
+from hybrid.settings import EngineConfig
 from hybrid.engine.model_runner import ModelRunner
 from hybrid.engine.page_manager import PageManager
 from hybrid.engine.request_output import RequestOutput, TokenLogprob
