@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
-from placement.memory import GIB, host_reserve, usage
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from placement.errors import PlacementError
+from placement.memory import GIB, LAYER_GROUPS, host_reserve, usage
 from placement.model_spec import Arch
-from placement.profile import LAYER_GROUPS, PROFILE_VERSION, Problem, Profile
+
+if TYPE_CHECKING:
+    from placement.profile import Profile
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message} (fix: {self.fix})"
+
+
+class ProfileError(PlacementError):
+    """A profile that cannot be run; the message lists every problem."""
+
+    def __init__(self, problems: list[Problem], source: str = "profile"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
 def check(p: Profile, checkpoint: Arch | None = None, broken: set[str] = frozenset()) -> list[Problem]:
