@@ -74,7 +74,6 @@ FAULTS = {  # name -> (change to the profile, what the message must say)
     "too many deferred experts": (_set("decode.defer_experts", 8),
                                   "decode.defer_experts: 8 defers every routed expert"),
     "edited model": (_set("model.vocab_size", 163841), "model.config_hash: does not match the model dimensions"),
-    "pools over NUMA nodes": (_set("cpu.threadpools", 4), "cpu.threadpools: 4 pools for 64 threads on 2 NUMA node(s)"),
     "INT4 method on an FP8 model": (_all(_set("model.quant", "fp8"), _rehash, _set("gpu_experts", {}),
                                          _set("prefill.stream_threshold_tokens", None)),
                                     "cpu.method: int4_kgroup reads INT4 checkpoints in place; this one stores fp8"),
@@ -90,8 +89,6 @@ FAULTS = {  # name -> (change to the profile, what the message must say)
     "stream buffer on the CPU": (_set("prefill.stream_buffer_mib.cpu", 64),
                                  "prefill.stream_buffer_mib.cpu: experts stream to GPUs, not to the CPU"),
     "stream threshold without a GPU": (_cpu_only, "prefill.stream_threshold_tokens: is set but the machine has no GPU"),
-    "stream buffer too small": (_set("prefill.stream_buffer_mib.cuda:0", 1),
-                                "prefill.stream_buffer_mib.cuda:0: 1 MiB cannot stage two experts"),
     "range upside down": (_set("devices.layers.0.first", 61), "devices.layers.0: range 61-60 is not within layers 0-60"),
     "layer in two ranges": (lambda d: d["devices"]["layers"].append({**d["devices"]["layers"][0], "first": 60}),
                             "devices.layers: layers 60 are in more than one range"),
@@ -99,6 +96,15 @@ FAULTS = {  # name -> (change to the profile, what the message must say)
                              "gpu_experts.5: expert ids [0] are listed more than once"),
     "no such layer": (_set("gpu_experts.99", [1]), "gpu_experts.99: there is no layer 99"),
     "host RAM short": (_set("hardware.ram_gib", 512), "hardware.ram_gib: the CPU side needs"),
+    # fields the runtime could not honour as written
+    "pools the runtime would not make": (_set("cpu.threadpools", 1),
+                                         "cpu.threadpools: 1 pool(s), but the runtime makes one kt-kernel pool per "
+                                         "NUMA node its 64 threads run on (2 node(s) of 32 cores): 2 (fix: set it to 2)"),
+    "a layer split over devices": (_set("devices.layers.0.shared", "cpu"),
+                                   "devices.layers.0: splits a layer's attention, router, shared and dense over cpu "
+                                   "and cuda:0; the runtime runs a layer's modules on one device (fix: give all four"),
+    "stream buffer below two experts": (_set("prefill.stream_buffer_mib.cuda:0", 30),
+                                        "prefill.stream_buffer_mib.cuda:0: 30 MiB cannot stage two experts (48 MiB)"),
 }
 
 
@@ -131,7 +137,7 @@ def test_each_fault_gets_its_own_accurate_message(tmp_path):
         assert expected in lines[0], (name, lines[0])
         assert "(fix: " in lines[0], name
         messages.append(lines[0])
-    assert len(set(messages)) == len(FAULTS) == 29
+    assert len(set(messages)) == len(FAULTS) >= 30
 
 
 def test_yaml_syntax_errors_name_the_line(tmp_path):

@@ -40,7 +40,7 @@ def test_tiny_model_follows_its_shipped_profile(tiny_dir):
                 assert (cpu.name, cpu.method, cpu.threads) == ("kt", profile.cpu.method, profile.cpu.threads)
             else:
                 assert cpu.name == "torch"
-    assert model.placement.kv_tokens == profile.kv_cache.max_tokens
+    assert model.settings.engine.kv_cache_tokens == profile.kv_cache.max_pages * profile.kv_cache.page_size
     ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
     exact = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="torch")), dtype=torch.float32)
     want, got = exact.logits(ids), model.logits(ids).float()
