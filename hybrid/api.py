@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from hybrid.model import dense_kernel
-from hybrid.model.batch import ForwardBatch, KVCache
+from hybrid.model.batch import ForwardBatch
 from hybrid.model.checkpoint import Checkpoint
 from hybrid.model.config import ModelConfig
+from hybrid.model.kv_cache import KVCache
 from hybrid.model.decoder import DeepseekV3
 from hybrid.model.loader import build_model
 from hybrid.scheduler.placement import ExpertBuilder, Placement
@@ -35,11 +36,13 @@ class HybridModel:
         """Seconds the model has spent waiting for routed experts, over all MoE layers."""
         return sum(experts.wait_s for experts in self.moe_experts())
 
-    def new_cache(self, num_slots: int) -> KVCache:
+    def new_cache(self, num_slots: int, device_slots: int | None = None, kv_dtype: str = "bf16") -> KVCache:
+        """A latent cache of num_slots, the first device_slots (default all) on the attention devices
+        and the rest in host RAM, stored as kv_dtype (bf16 or fp8)."""
         cfg = self.config
         dtype = self.model.lm_head.weight.dtype
         return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype,
-                       self.model.layer_devices())
+                       self.model.layer_devices(), device_slots, kv_dtype)
 
     def logits(self, input_ids) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position, without a cache."""
