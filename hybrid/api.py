@@ -50,11 +50,11 @@ class HybridModel:
         return self.model(ForwardBatch.single(ids), logits_index=torch.arange(ids.numel()))
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
-                 stop_ids: set[int] = frozenset(), return_logits: bool = False):
-        """Tokens after the prompt (greedy unless temperature > 0), using the latent KV cache.
-        With return_logits, also the float32 logits that chose each token."""
+                 stop_ids: set[int] = frozenset(), return_logits: bool = False, kv_dtype: str = "bf16"):
+        """Tokens after the prompt (greedy unless temperature > 0), using the latent KV cache stored
+        as kv_dtype. With return_logits, also the float32 logits that chose each token."""
         ids = torch.as_tensor(input_ids).reshape(-1).long()
-        cache = self.new_cache(ids.numel() + max_new_tokens)
+        cache = self.new_cache(ids.numel() + max_new_tokens, kv_dtype=kv_dtype)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out, steps = [], []
         batch = ForwardBatch.single(ids, 0, torch.arange(ids.numel()))

@@ -125,6 +125,7 @@ class Prediction(_Section):
     concurrency: int
     decode_ms: dict[str, float]
     prefill_ms: dict[str, float]
+    decode_curve: dict[int, float] = Field(default_factory=dict)  # context -> decode tok/s
 
 
 class Profile(_Section):

@@ -2,6 +2,8 @@
 the model (any split point, any slot layout, decode and prefill in one batch) and in the engine
 (pages leaving the device tier while sequences decode, the prefix cache across both tiers)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,8 @@ from hybrid.engine.page_manager import DEVICE, HOST, PageManager
 from hybrid.engine.sequence import Sequence
 from hybrid.model.attention import merge
 from hybrid.model.batch import ForwardBatch
+from hybrid.model.kv_cache import KVCache
+from placement.profile import Profile
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -145,3 +149,41 @@ def test_a_page_another_sequence_shares_stays_where_it_is():
     assert a.pages[0] == b.pages[0] and pm.tier(a.pages[0]) == DEVICE  # shared: it stays
     assert pm.moves == [(second, a.pages[1])] and pm.tier(a.pages[1]) == HOST  # a's own moved instead
     assert a.pages[2] == second and pm.tier(a.pages[2]) == DEVICE
+
+
+def test_fp8_cache_rounds_each_latent_to_e4m3_with_its_own_scales():
+    cache = KVCache(1, 4, 512, 64, torch.float32, kv_dtype="fp8")
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(4, 512, generator=g) * torch.tensor([[1e-3], [1.0], [30.0], [1e3]])
+    rope = torch.randn(4, 64, generator=g) * 100  # its own scale: the latent's does not bound it
+    cache.write(0, torch.arange(4), latent, rope)
+    assert cache.tiers[0][0].data.dtype == torch.float8_e4m3fn
+    got_latent, got_rope = cache.read(0, torch.arange(4))
+    for got, want in ((got_latent, latent), (got_rope, rope)):
+        rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+        assert bool((rel < 0.04).all()) and bool((rel > 0).all()), rel  # e4m3: 3 mantissa bits, rounded
+
+
+def test_fp8_cache_keeps_greedy_decoding_close_to_full_precision(model):
+    """Tiny preset, float32 model: the first token's logits (prefill reads the FP8 cache too) within a
+    few percent for most prompts, and the greedy tokens mostly the same (bench/kv_fp8.py measures mini)."""
+    g = torch.Generator().manual_seed(0)
+    errors, first_same = [], 0
+    for _ in range(8):
+        prompt = torch.randint(0, model.config.vocab_size, (64,), generator=g)
+        ref, ref_logits = model.generate(prompt, 4, return_logits=True)
+        out, logits = model.generate(prompt, 4, return_logits=True, kv_dtype="fp8")
+        errors.append(float((logits[0] - ref_logits[0]).norm() / ref_logits[0].norm()))
+        first_same += out[0] == ref[0]
+    assert sorted(errors)[len(errors) // 2] < 0.1, errors
+    assert 0 < min(errors) and first_same >= 6, (errors, first_same)
+
+
+def test_a_profile_with_an_fp8_cache_and_a_host_tier_reaches_the_engine(model, tiny_dir):
+    profile = Profile.load(Path(__file__).parents[1] / "profiles/tiny_cpu_2core.yaml", model=tiny_dir)
+    profile.kv_cache.dtype, profile.kv_cache.host_tokens = "fp8", 4096
+    engine = Engine(model, config=EngineConfig.from_profile(profile))
+    device, host = engine.runner.cache.tiers[0]
+    assert device.data.dtype == host.data.dtype == torch.float8_e4m3fn
+    assert host.data.shape[0] == 4096 and engine.pages.device_pages * engine.pages.page_size == device.data.shape[0]
+    assert engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3)) != [[]]
