@@ -115,9 +115,7 @@ def _ms(v: float | None) -> str:
 def notes(p: Profile, spec: ModelSpec) -> list[str]:
     kv, pre = p.kv_cache, p.prefill
     kv_bytes = kv.max_tokens * spec.kv_bytes_per_token(kv.dtype)
-    host = kv.host_tokens * spec.kv_bytes_per_token(kv.dtype)
-    tiers_note = (f": {kv.device_tokens:,} on the GPUs, {kv.host_tokens:,} ({_size(host)}) in host RAM"
-                  if kv.host_tokens else "")
+    tiers_note = f"; {kv.host_tokens:,} in host RAM" if kv.host_tokens else ""
     stream = (f"prompts of {pre.stream_threshold_tokens:,}+ tokens stream CPU experts to the GPU layer by layer"
               if pre.stream_threshold_tokens else "prefill keeps routed experts on the CPU (no streaming)")
     return [

@@ -4,6 +4,7 @@ the model (any split point, any slot layout, decode and prefill in one batch) an
 
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,10 @@ from hybrid.engine.sequence import Sequence
 from hybrid.model.attention import merge
 from hybrid.model.batch import ForwardBatch
 from hybrid.model.kv_cache import KVCache
+from conftest import KEY
+from hybrid.server.app import create_app
+from hybrid.server.http_server import ServerThread
+from hybrid.server.serving import Serving
 from placement.profile import Profile
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -187,3 +192,24 @@ def test_a_profile_with_an_fp8_cache_and_a_host_tier_reaches_the_engine(model, t
     assert device.data.dtype == host.data.dtype == torch.float8_e4m3fn
     assert host.data.shape[0] == 4096 and engine.pages.device_pages * engine.pages.page_size == device.data.shape[0]
     assert engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3)) != [[]]
+
+
+def test_a_served_request_longer_than_the_device_tier_decodes_as_with_a_large_one(client, tiny_dir):
+    """Through the server and the official OpenAI client: a device tier of 64 tokens (4 pages),
+    the rest in the host tier, against the module's server with every page on the device."""
+    small = Serving.load(tiny_dir, dtype=torch.float32,
+                         config=EngineConfig(kv_cache_tokens=16384, host_kv_tokens=16384 - 64))
+    assert small.engine.engine.pages.device_pages == 4
+    text = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
+    kw = dict(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=48, temperature=0,
+              logprobs=True, extra_body={"thinking": {"type": "disabled"}})
+    with ServerThread(create_app(small, api_key=KEY, max_body_bytes=1 << 20)) as s:
+        tiered = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0).chat.completions.create(**kw)
+    small.engine.stop()
+    whole = client.chat.completions.create(**kw)
+    assert tiered.usage.prompt_tokens > 200 and tiered.usage.completion_tokens > 16  # past the device tier
+    assert tiered.usage == whole.usage
+    assert tiered.choices[0].message.content == whole.choices[0].message.content
+    ours, theirs = tiered.choices[0].logprobs.content, whole.choices[0].logprobs.content
+    assert [t.token for t in ours] == [t.token for t in theirs]
+    assert [t.logprob for t in ours] == pytest.approx([t.logprob for t in theirs], abs=1e-4)
