@@ -79,12 +79,15 @@ class MLA(nn.Module):
         seqs, rows, tiers = batch.single_queries  # decode: all in one pass over padded contexts
         if seqs:
             rows = rows.to(x.device)
-            q_latent, q_pe = self._absorb(q_nope[rows, None], q_rope[rows, None])
+            q = self._absorb(q_nope[rows, None], q_rope[rows, None])
+            # the queries reach each tier's memory before any part starts, so the GPU's part runs
+            # while the CPU computes the host's
+            at = {tier: cache.tier_device(self.layer, tier) for tier, _, _ in tiers}
+            queries = {d: tuple(t.to(d) for t in q) for d in set(at.values())}
             parts = []
-            for tier, index, mask in tiers:  # each tier where it lives, its part brought back here
-                latent_t, rope_t = cache.read_tier(self.layer, tier, index)
-                at = latent_t.device
-                part = self._attend(q_latent.to(at), q_pe.to(at), latent_t, rope_t, mask.to(at)[:, None])
+            for tier, index, mask in tiers:
+                part = self._attend(*queries[at[tier]], *cache.read_tier(self.layer, tier, index),
+                                    mask.to(at[tier])[:, None])
                 parts.append(tuple(t.to(x.device) for t in part))
             out[rows] = self._output(merge(parts).to(x.dtype), 1)[:, 0]
         done = set(seqs)

@@ -93,6 +93,9 @@ class KVCache:
         kv[on_host.to(device.device)] = host.read(slots[on_host] - self.device_slots).to(device.device)
         return self._split(kv)
 
+    def tier_device(self, layer: int, tier: int) -> torch.device:
+        return self.tiers[layer][tier].device
+
     def read_tier(self, layer: int, tier: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and rope keys of `slots` (any shape), all in tier `tier` (0 device, 1 host), where they live."""
         t = self.tiers[layer][tier]
