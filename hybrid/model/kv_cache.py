@@ -49,9 +49,9 @@ class Tier:
         kv = self.data[rows]
         if self.scale is None:
             return kv
-        scale = self.scale[rows].repeat_interleave(
-            torch.tensor([self.split, kv.shape[-1] - self.split], device=self.device), dim=-1)
-        return (kv.float() * scale).to(self.dtype)
+        scale = self.scale[rows]
+        return torch.cat([kv[..., : self.split].float() * scale[..., :1],
+                          kv[..., self.split:].float() * scale[..., 1:]], -1).to(self.dtype)
 
 
 class KVCache:
