@@ -151,19 +151,28 @@ class MLA(nn.Module):
         rank] and its log-sum-exp [S, heads * q, 1], both fp32 (-inf where a row has no key here)."""
         s, hq, _ = q_latent.shape
         ctx, q = latent.shape[1], mask.shape[1]
-        scores = q_latent @ latent.transpose(1, 2)
-        scores += q_pe @ k_rope.transpose(1, 2)
+        scores = matmul(q_latent, latent.transpose(1, 2))
+        scores += matmul(q_pe, k_rope.transpose(1, 2))
         scores = (scores.float() * self.scale).view(s, hq // q, q, ctx).masked_fill(~mask[:, None], float("-inf"))
         scores = scores.view(s, hq, ctx)
         lse = torch.logsumexp(scores, -1, keepdim=True)
         probs = torch.exp(scores - torch.where(lse.isfinite(), lse, 0)).to(latent.dtype)
-        return (probs @ latent).float(), lse
+        return matmul(probs, latent).float(), lse
 
     def _output(self, out_latent, q: int) -> torch.Tensor:
         """[S, heads * q, rank] attention output on the latents -> [S, q, heads, v] (w_uv folded in)."""
         s, h = out_latent.shape[0], self.n_heads
         out_latent = out_latent.view(s, h, q, self.rank).permute(1, 3, 0, 2).reshape(h, self.rank, s * q)
         return torch.bmm(self.w_uv, out_latent).view(h, self.v_dim, s, q).permute(2, 3, 0, 1)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over a leading batch dimension. On the CPU, one 2-D matmul per entry: there torch's
+    batched bf16 matmul runs 4-8x slower than its 2-D one at decode's shapes (measured on Zen 4,
+    one sequence at 32K tokens of context)."""
+    if a.device.type != "cpu":
+        return a @ b
+    return torch.stack([x @ y for x, y in zip(a, b)])
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
