@@ -82,7 +82,7 @@ def main() -> None:
     bws.append(host_gbps())
     peaks.append(gemm_tflops())
     bw = max(bws)
-    tflops = max(p["onednn bf16"] if "onednn bf16" in p else p["torch bf16"] for p in peaks)
+    tflops = max(v for p in peaks for k, v in p.items() if "bf16" in k)
     table = Table(title=f"decode against context, {args.preset}, two tiers split at the newest "
                         f"{args.device_tokens:,} tokens (host read {bw:.1f} GB/s, bf16 GEMM {tflops:.3f} TFLOP/s)")
     for col in ("context", "KV layout", "ms / step", "tok/s", "read floor ms", "compute floor ms", "x floor"):
