@@ -21,6 +21,7 @@ from conftest import KEY
 from hybrid.server.app import create_app
 from hybrid.server.http_server import ServerThread
 from hybrid.server.serving import Serving
+from hybrid.settings import settings as runtime_settings
 from placement.profile import Profile
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -187,7 +188,7 @@ def test_fp8_cache_keeps_greedy_decoding_close_to_full_precision(model):
 def test_a_profile_with_an_fp8_cache_and_a_host_tier_reaches_the_engine(model, tiny_dir):
     profile = Profile.load(Path(__file__).parents[1] / "profiles/tiny_cpu_2core.yaml", model=tiny_dir)
     profile.kv_cache.dtype, profile.kv_cache.host_tokens = "fp8", 4096
-    engine = Engine(model, config=EngineConfig.from_profile(profile))
+    engine = Engine(model, config=runtime_settings(tiny_dir, profile).engine)
     device, host = engine.runner.cache.tiers[0]
     assert device.data.dtype == host.data.dtype == torch.float8_e4m3fn
     assert host.data.shape[0] == 4096 and engine.pages.device_pages * engine.pages.page_size == device.data.shape[0]
@@ -199,13 +200,13 @@ def test_a_served_request_longer_than_the_device_tier_decodes_as_with_a_large_on
     the rest in the host tier, against the module's server with every page on the device."""
     small = Serving.load(tiny_dir, dtype=torch.float32,
                          config=EngineConfig(kv_cache_tokens=16384, host_kv_tokens=16384 - 64))
-    assert small.engine.engine.pages.device_pages == 4
+    assert small.engine.pages.device_pages == 4
     text = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
     kw = dict(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=48, temperature=0,
               logprobs=True, extra_body={"thinking": {"type": "disabled"}})
     with ServerThread(create_app(small, api_key=KEY, max_body_bytes=1 << 20)) as s:
         tiered = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0).chat.completions.create(**kw)
-    small.engine.stop()
+    small.thread.stop()
     whole = client.chat.completions.create(**kw)
     assert tiered.usage.prompt_tokens > 200 and tiered.usage.completion_tokens > 16  # past the device tier
     assert tiered.usage == whole.usage

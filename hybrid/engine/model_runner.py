@@ -38,6 +38,6 @@ class ModelRunner:
         batch = ForwardBatch(torch.cat(ids), torch.cat(positions), [n for _, n in scheduled], slots,
                              self.cache.host_from)
         start = time.perf_counter()
-        logits = self.model.model(batch, self.cache, logits_index=torch.tensor(rows, dtype=torch.long))
+        logits = self.model.forward(batch, self.cache, logits_index=torch.tensor(rows, dtype=torch.long))
         self.forward_seconds += time.perf_counter() - start
         return logits

@@ -70,6 +70,11 @@ class KVCache:
                        Tier(self.device_slots, host, width, kv_lora_rank, torch.device("cpu"), dtype, fp8)]
                       for d in devices]
 
+    def nbytes(self, device: torch.device | str) -> int:
+        """Memory the cache holds on `device` (values and scales, both tiers)."""
+        return sum(t.data.nbytes + (0 if t.scale is None else t.scale.nbytes)
+                   for layers in self.tiers for t in layers if t.device == torch.device(device))
+
     @property
     def host_from(self) -> int | None:
         """The first host-tier slot; None when every slot is on the attention devices."""
