@@ -8,8 +8,8 @@ heads; only those are cached. Two ways to attend to them, equal in exact arithme
   directly on the latents; cheap when few queries read a long context.
 Decode attends to each tier of the cache where it lives (kv_cache.py: the GPU over its pages, the
 CPU over the host's) and merges the parts exactly by their log-sum-exp, as split-K flash-decoding
-merges blocks. `kv_b_proj` is held as its two halves, each contiguous per head (`w_uk` makes keys, `w_uv`
-values): both ways read them in place, where slices of the checkpoint's one matrix would be
+merges blocks. `kv_b_proj` is held as its two halves, each contiguous per head (`w_uk` makes keys,
+`w_uv` values): both ways read them in place, where slices of the checkpoint's one matrix would be
 copied at every step.
 """
 
