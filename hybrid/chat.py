@@ -22,9 +22,12 @@ UNPRINTABLE = {c: "\ufffd" for c in [*range(0x20), 0x7f] if chr(c) not in "\n\t"
 
 class Chat:
     def __init__(self, client: openai.OpenAI, model: str, console: Console, max_tokens: int = 1024,
-                 thinking: bool = True, read: Callable[[str], str] = input):
+                 thinking: bool = True, read: Callable[[str], str] = input, temperature: float | None = None,
+                 seed: int | None = None):
         self.client, self.model, self.console = client, model, console
         self.max_tokens, self.thinking, self.read = max_tokens, thinking, read
+        # sent only when given: the server's defaults otherwise
+        self.sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
         self.system: str | None = None
         self.history: list[dict] = []
 
@@ -76,7 +79,7 @@ class Chat:
         system = [{"role": "system", "content": self.system}] if self.system else []
         reasoning, content = [], []
         stream = self.client.chat.completions.create(
-            model=self.model, messages=system + self.history, max_tokens=self.max_tokens, stream=True,
+            model=self.model, messages=system + self.history, max_tokens=self.max_tokens, stream=True, **self.sampling,
             extra_body={"thinking": {"type": "enabled" if self.thinking else "disabled"}})
         try:
             for chunk in stream:
