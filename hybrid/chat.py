@@ -26,8 +26,8 @@ class Chat:
                  seed: int | None = None):
         self.client, self.model, self.console = client, model, console
         self.max_tokens, self.thinking, self.read = max_tokens, thinking, read
-        # sent only when given: the server's defaults otherwise
-        self.sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
+        self.temperature, self.seed = temperature, seed  # sent only when given: the server's defaults otherwise
+        self.replies = 0
         self.system: str | None = None
         self.history: list[dict] = []
 
@@ -78,8 +78,12 @@ class Chat:
         self.history.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
         reasoning, content = [], []
+        sampling = {} if self.temperature is None else {"temperature": self.temperature}
+        if self.seed is not None:  # reproducible, yet each reply a draw of its own
+            sampling["seed"] = self.seed + self.replies
+        self.replies += 1
         stream = self.client.chat.completions.create(
-            model=self.model, messages=system + self.history, max_tokens=self.max_tokens, stream=True, **self.sampling,
+            model=self.model, messages=system + self.history, max_tokens=self.max_tokens, stream=True, **sampling,
             extra_body={"thinking": {"type": "enabled" if self.thinking else "disabled"}})
         try:
             for chunk in stream:

@@ -241,7 +241,7 @@ def chat(
     max_tokens: int = typer.Option(1024, min=1, help="Longest reply, in tokens."),
     thinking: bool = typer.Option(True, help="Let the model think before answering."),
     temperature: float = typer.Option(None, min=0, max=2, help="Sampling temperature (default: the server's)."),
-    seed: int = typer.Option(None, help="Sample reproducibly: each reply with this seed."),
+    seed: int = typer.Option(None, help="Sample reproducibly: the session's n-th reply with seed + n."),
 ):
     """Chat in the terminal: replies stream, thinking dimmed; /reset, /system TEXT, /exit."""
     import openai
