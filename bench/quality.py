@@ -49,7 +49,7 @@ def main() -> None:
     for path in (quality.REFERENCE, *quality.PATHS):
         missing = path.missing()
         if missing:
-            table.add_row(path.name, "-", "-", "-", f"{path.tolerance:.0%}", "not run", missing)
+            table.add_row(path.name, "-", "-", "-", f"{path.tolerance:.1%}", "not run", missing)
             figures[path.name] = {"skipped": missing}
             continue
         start = time.monotonic()
@@ -60,7 +60,7 @@ def main() -> None:
         reference = reference or ppl
         change = ppl / reference - 1
         ok = change <= path.tolerance
-        table.add_row(path.name, kernel, f"{ppl:.3f}", f"{change:+.2%}", f"{path.tolerance:.0%}",
+        table.add_row(path.name, kernel, f"{ppl:.3f}", f"{change:+.2%}", f"{path.tolerance:.1%}",
                       "yes" if ok else "NO", path.note)
         figures[path.name] = {"perplexity": ppl, "relative": change, "tolerance": path.tolerance, "kernel": kernel,
                               "within": ok, "seconds": round(time.monotonic() - start, 1)}

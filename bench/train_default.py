@@ -1,6 +1,6 @@
 """Train the embedded default model from the running Python's standard library, and record how.
 
-    python bench/train_default.py [--steps 1000] [--out hybrid/embedded/k2-stdlib]
+    python bench/train_default.py [--steps 400] [--out hybrid/embedded/k2-stdlib]
 
 A byte-pair tokenizer is learned from the training files (hybrid/tokenizer/bpe.py), then a small
 Kimi K2-architecture model (hybrid/default_model.py: SHAPE) is trained with transformers'
@@ -59,14 +59,14 @@ def load_shares(counts: torch.Tensor) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=quality.WINDOW)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--chat-share", type=float, default=0.35, help="Share of windows that are chat turns.")
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="Router bias update per step (DeepSeek-V3's u).")
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=EMBEDDED)
     args = ap.parse_args()

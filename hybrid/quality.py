@@ -67,18 +67,19 @@ class ComputePath:
 
 REFERENCE = ComputePath("float32, torch experts", 0.0, torch.float32, "torch", note="the reference: dequantized INT4, fp32")
 PATHS = (
-    ComputePath("bf16, torch backend", 0.01, backend="torch", dense="torch",
+    ComputePath("bf16, torch backend", 0.005, backend="torch", dense="torch",
          note="bf16 activations and dense weights; experts on torch's packed INT4 kernel where it proves itself"),
-    ComputePath("bf16, kt int4_kgroup", 0.01, backend="kt", method="int4_kgroup", dense="torch",
+    ComputePath("bf16, kt int4_kgroup", 0.005, backend="kt", method="int4_kgroup", dense="torch",
          note="kt-kernel on the checkpoint's own INT4 (the default path)"),
-    ComputePath("bf16, dense on oneDNN", 0.01, backend="torch", dense="onednn",
+    ComputePath("bf16, dense on oneDNN", 0.005, backend="torch", dense="onednn",
          note="the CPU-speed work's dense kernel, vs torch's bf16 matmul"),
-    ComputePath("bf16, deferral k = 1", 0.01, backend="torch", dense="torch", defer=1,
+    # With 4 experts per token, k = 1 defers a quarter of a token's routed experts (Kimi: one of 8).
+    ComputePath("bf16, deferral k = 1", 0.02, backend="torch", dense="torch", defer=1,
          note="each token's lowest-weight expert added one MoE layer late"),
-    ComputePath("bf16, deferral k = 2", 0.03, backend="torch", dense="torch", defer=2,
+    ComputePath("bf16, deferral k = 2", 0.04, backend="torch", dense="torch", defer=2,
          note="its two lowest-weight experts added one MoE layer late"),
-    ComputePath("bf16, dense on the GPU", 0.01, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
-    ComputePath("bf16, all experts on the GPU", 0.01, device="cuda", gpu_experts=True,
+    ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
+    ComputePath("bf16, all experts on the GPU", 0.005, device="cuda", gpu_experts=True,
          note="every routed expert in the GPU's hot-expert cache"),
 )
 
