@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown, save  # noqa: E402
 
 from hybrid import corpus, quality, training  # noqa: E402
-from hybrid.atomic import atomic_write  # noqa: E402
+from placement.atomic import atomic_write  # noqa: E402
 from hybrid.default_model import EMBEDDED, SHAPE  # noqa: E402
 from hybrid.tokenizer import Tokenizer  # noqa: E402
 from hybrid.tokenizer.bpe import train_bpe  # noqa: E402

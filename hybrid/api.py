@@ -14,18 +14,33 @@ from hybrid.model.decoder import DeepseekV3
 from hybrid.model.loader import build_model
 from hybrid.scheduler.placement import ExpertBuilder, Placement
 from hybrid.scheduler.stats import ActivationStats
+from hybrid.settings import Settings, settings
 
 
 class HybridModel:
-    def __init__(self, model: DeepseekV3, folder: Path, placement: Placement, dense_kernel: str = "torch"):
+    def __init__(self, model: DeepseekV3, folder: Path, settings: Settings, dense_kernel: str = "torch"):
         self.model = model
         self.folder = folder
-        self.placement = placement
+        self.settings = settings
         self.dense_kernel = dense_kernel  # what runs the dense projections that live on the CPU
+
+    @property
+    def placement(self) -> Placement:
+        return self.settings.placement
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the model computes in (and its KV cache holds)."""
+        return self.model.lm_head.weight.dtype
+
+    def forward(self, batch: ForwardBatch, cache: KVCache | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits of `batch` (its last position per sequence, or the rows `logits_index` picks)."""
+        return self.model(batch, cache, logits_index=logits_index)
 
     def moe_experts(self) -> list:
         """Each MoE layer's routed-expert executor (a HybridExperts), in layer order."""
@@ -37,14 +52,13 @@ class HybridModel:
 
     def new_cache(self, num_slots: int) -> KVCache:
         cfg = self.config
-        dtype = self.model.lm_head.weight.dtype
-        return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype,
+        return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype,
                        self.model.layer_devices())
 
     def logits(self, input_ids) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position, without a cache."""
         ids = torch.as_tensor(input_ids).reshape(-1)
-        return self.model(ForwardBatch.single(ids), logits_index=torch.arange(ids.numel()))
+        return self.forward(ForwardBatch.single(ids), logits_index=torch.arange(ids.numel()))
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  stop_ids: set[int] = frozenset(), return_logits: bool = False):
@@ -56,7 +70,7 @@ class HybridModel:
         out, steps = [], []
         batch = ForwardBatch.single(ids, 0, torch.arange(ids.numel()))
         for _ in range(max_new_tokens):
-            logits = self.model(batch, cache)[0]
+            logits = self.forward(batch, cache)[0]
             steps.append(logits)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, -1)
@@ -76,34 +90,20 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
                stats: ActivationStats | None = None, dense: str | None = None) -> HybridModel:
     """Load a checkpoint folder.
 
-    `profile` (a placement Profile, a path to one, or a runtime Placement) decides where each
-    part runs; an invalid or mismatched profile is refused with every problem listed. Without
-    one, every dense module goes to `device` (default cpu) and routed experts to the default CPU
-    backend. `progress(done, total)` is called as MoE layers load; `stats` records routing.
+    `profile` (a placement Profile, a path to one, a runtime Placement, or the Settings that
+    `hybrid.settings.settings` made of one) decides where each part runs; an invalid or
+    mismatched profile is refused with every problem listed. Without one, every dense module goes
+    to `device` (default cpu) and routed experts to the default CPU backend; with one, `device`
+    stands in for the GPUs it names. `progress(done, total)` is called as MoE layers load; `stats` records routing.
     `dense`: the kernel of the dense projections on the CPU (`torch` or `onednn`; default: the
     fastest here, see hybrid/model/dense_kernel.py).
     """
     path = Path(path)
     ckpt = Checkpoint(path)
-    placement = _placement(profile, path, device)
-    experts = ExpertBuilder(placement, ckpt.config, dtype, stats)
-    model = build_model(ckpt, experts, dtype, progress, placement.device_of)
+    s = settings(path, profile, device)
+    experts = ExpertBuilder(s.placement, ckpt.config, dtype, stats)
+    model = build_model(ckpt, experts, dtype, progress, s.placement.device_of)
     ckpt.close()
     kernel = dense_kernel.pack(model, dense) if dtype == torch.bfloat16 else "torch"
-    return HybridModel(model, path, placement, kernel)
+    return HybridModel(model, path, s, kernel)
 
-
-def _placement(profile, folder: Path, device: str | None) -> Placement:
-    if profile is None:
-        return Placement.on(device or "cpu")
-    if isinstance(profile, Placement):
-        return profile
-    from placement.model_spec import Arch
-    from placement.profile import Profile, ProfileError
-
-    if isinstance(profile, (str, Path)):
-        return Placement.from_profile(Profile.load(profile, model=folder))
-    problems = profile.problems(Arch.from_config(folder))
-    if problems:
-        raise ProfileError(problems, "profile")
-    return Placement.from_profile(profile)

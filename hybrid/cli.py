@@ -153,14 +153,15 @@ def bench(
 
     from hybrid.default_model import resolve_model
     from hybrid.api import load_model
-    from hybrid.tuning import compare, parts, profile_for
+    from hybrid.settings import settings
+    from hybrid.tuning import compare, parts, plan_here
 
     console = Console()
     folder = resolve_model(model)
-    p = profile_for(folder, profile)
+    s = settings(folder, profile or plan_here(folder))
     with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
-        loaded = load_model(folder, p)
-        table = compare(loaded, p, prompt, decode)
+        loaded = load_model(folder, s)
+        table = compare(loaded, s.profile, prompt, decode)
     console.print(table)
     with console.status("timing one decode step and one prefill by part, and this machine's floors"):
         tables = parts(loaded, prompt)
@@ -185,14 +186,14 @@ def _load_serving(folder: Path, profile, name: str | None, console):
     return serving
 
 
-def _model_and_profile(model: Path | None, profile: Path | None, console):
-    """The model folder (the default one if none is given) and its profile, both checked: what can
-    be refused is refused before anything slow starts."""
+def _model_and_settings(model: Path | None, profile: Path | None, console):
+    """The model folder (the default one if none is given) and the settings its profile (or none)
+    gives, both checked: what can be refused is refused before anything slow starts."""
     from hybrid.default_model import resolve_model
-    from placement.profile import Profile
+    from hybrid.settings import settings
 
     folder = resolve_model(model)
-    return folder, (Profile.load(profile, model=folder) if profile else None)
+    return folder, settings(folder, profile)
 
 
 MODEL_HELP = "Checkpoint folder (default: the embedded k2-stdlib model)."
@@ -218,9 +219,9 @@ def serve(
     from hybrid.server.http_server import Server, bind, url_of
 
     console = Console(stderr=True)
-    folder, placement = _model_and_profile(model, profile, console)
+    folder, runtime = _model_and_settings(model, profile, console)
     sock = bind(host, port)
-    serving = _load_serving(folder, placement, served_model_name, console)
+    serving = _load_serving(folder, runtime, served_model_name, console)
     url = url_of(sock)
 
     def started() -> None:
@@ -263,8 +264,8 @@ def chat(
     from hybrid.server.app import create_app
     from hybrid.server.http_server import ServerThread
 
-    folder, placement = _model_and_profile(model, profile, console)
-    serving = _load_serving(folder, placement, None, console)
+    folder, runtime = _model_and_settings(model, profile, console)
+    serving = _load_serving(folder, runtime, None, console)
     key = secrets.token_urlsafe(16)
     with ServerThread(create_app(serving, key)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)

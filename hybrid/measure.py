@@ -39,7 +39,7 @@ def measure(model: HybridModel, prompt_tokens: int = 512, decode_tokens: int = 3
     ids = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
     cache = model.new_cache(prompt_tokens + decode_tokens + 1)
     t = time.perf_counter()
-    logits = model.model(ForwardBatch.single(ids, 0, torch.arange(prompt_tokens)), cache)
+    logits = model.forward(ForwardBatch.single(ids, 0, torch.arange(prompt_tokens)), cache)
     prefill_s = time.perf_counter() - t
     token, pos = int(logits[0].argmax()), prompt_tokens
     decode_s = expert_s = 0.0
@@ -47,7 +47,7 @@ def measure(model: HybridModel, prompt_tokens: int = 512, decode_tokens: int = 3
         batch = ForwardBatch.single(torch.tensor([token]), pos, torch.arange(pos + 1))
         waited = model.expert_wait_s()
         t = time.perf_counter()
-        logits = model.model(batch, cache)
+        logits = model.forward(batch, cache)
         if step:  # the first step warms up
             decode_s += time.perf_counter() - t
             expert_s += model.expert_wait_s() - waited

@@ -150,7 +150,7 @@ def with_int4_experts(model):
     """A copy of `model` whose routed experts went through the checkpoint's INT4 group-32 format."""
     import copy
 
-    from hybrid.model.quant import dequantize_int4, quantize_int4
+    from hybrid.quant import dequantize_int4, quantize_int4
 
     q = copy.deepcopy(model)
     with torch.no_grad():

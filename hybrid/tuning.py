@@ -20,15 +20,12 @@ def with_proven_backend(hw):
     return hw
 
 
-def profile_for(folder: Path, path: Path | None):
-    """The profile at `path` (checked against the checkpoint), or a plan for this machine."""
+def plan_here(folder: Path):
+    """A plan of the checkpoint at `folder` for this machine."""
     from placement.hardware import detect
     from placement.model_spec import ModelSpec
     from placement.planner import plan
-    from placement.profile import Profile
 
-    if path is not None:
-        return Profile.load(path, model=folder)
     return plan(ModelSpec.from_config(folder), with_proven_backend(detect()))
 
 

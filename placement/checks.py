@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
-from placement.memory import GIB, host_reserve, usage
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from placement.errors import PlacementError
+from placement.memory import GIB, LAYER_GROUPS, host_reserve, usage
 from placement.model_spec import Arch
-from placement.profile import LAYER_GROUPS, PROFILE_VERSION, Problem, Profile
+
+if TYPE_CHECKING:
+    from placement.profile import Profile
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message} (fix: {self.fix})"
+
+
+class ProfileError(PlacementError):
+    """A profile that cannot be run; the message lists every problem."""
+
+    def __init__(self, problems: list[Problem], source: str = "profile"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
 def check(p: Profile, checkpoint: Arch | None = None, broken: set[str] = frozenset()) -> list[Problem]:
@@ -65,6 +92,11 @@ def _devices(p: Profile, out: list) -> bool:
     n = p.model.num_hidden_layers
     cover, ranges_ok = [0] * n, True
     for i, r in enumerate(p.devices.layers):
+        groups = {getattr(r, g) for g in LAYER_GROUPS}
+        if ok and len(groups) > 1:
+            out.append(Problem(f"devices.layers.{i}", f"splits a layer's attention, router, shared and dense over "
+                               f"{' and '.join(sorted(groups))}; the runtime runs a layer's modules on one device",
+                               "give all four the same device"))
         if r.first > r.last or r.last >= n:
             out.append(Problem(f"devices.layers.{i}", f"range {r.first}-{r.last} is not within layers 0-{n - 1}",
                                f"use first <= last <= {n - 1}"))
@@ -114,9 +146,11 @@ def _cpu(p: Profile, out: list) -> None:
     if c.threads > cpu.cores:
         out.append(Problem("cpu.threads", f"{c.threads} threads but the machine has {cpu.cores} physical cores",
                            f"use at most {cpu.cores} (all of them: the runtime leaves the last to the driving thread)"))
-    if c.threadpools > min(c.threads, cpu.numa_nodes):
-        out.append(Problem("cpu.threadpools", f"{c.threadpools} pools for {c.threads} threads on "
-                           f"{cpu.numa_nodes} NUMA node(s)", f"use one per NUMA node: {cpu.numa_nodes}"))
+    pools = cpu.pools(min(c.threads, cpu.cores))
+    if c.threadpools != pools:
+        out.append(Problem("cpu.threadpools", f"{c.threadpools} pool(s), but the runtime makes one kt-kernel pool per "
+                           f"NUMA node its {c.threads} threads run on ({cpu.numa_nodes} node(s) of "
+                           f"{-(-cpu.cores // cpu.numa_nodes)} cores): {pools}", f"set it to {pools}"))
     if c.method == "int4_kgroup" and quant != "int4":
         out.append(Problem("cpu.method", f"int4_kgroup reads INT4 checkpoints in place; this one stores {quant}",
                            "use amx_int8 or amx_int4 (AMX CPUs) or bf16"))

@@ -51,6 +51,13 @@ class CPU(BaseModel):
     def has(self, isa: str) -> bool:
         return isa in self.isa
 
+    def pools(self, threads: int) -> int:
+        """kt-kernel pools the runtime makes for `threads` expert threads: one per NUMA node its
+        compute threads run on (all threads but the last, which drives them; cores taken node by
+        node)."""
+        compute = max(1, threads - 1)
+        return min(self.numa_nodes, -(-compute // -(-self.cores // self.numa_nodes)))
+
 
 class Measured(BaseModel):
     """Figures measured on the machine; each one set replaces the cost model's default."""

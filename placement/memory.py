@@ -31,8 +31,9 @@ STREAM_GROUP = 8  # experts staged per PCIe copy when prefill streams
 
 
 def stream_buffer_bytes(spec: ModelSpec) -> int:
-    """Prefill streaming stages STREAM_GROUP experts per copy, double-buffered."""
-    return 2 * min(STREAM_GROUP, spec.arch.n_routed_experts) * spec.bytes["expert"]
+    """Prefill streaming stages STREAM_GROUP experts per copy, double-buffered; in whole MiB (as a
+    profile writes it), rounded up so that the runtime's slots hold STREAM_GROUP each."""
+    return -(-2 * min(STREAM_GROUP, spec.arch.n_routed_experts) * spec.bytes["expert"] // MIB) * MIB
 
 
 @dataclass

@@ -268,13 +268,15 @@ class ModelSpec:
         return cls.from_arch(Arch.from_config(path, name))
 
     def layer_bytes(self, group: str, layer: int) -> int:
-        """Bytes of `group` in `layer` (0 where the layer has no such module)."""
+        """Bytes of `group` in `layer` as the runtime holds it (0 where the layer has no such module)."""
         a = self.arch
         if group == "attention":
             return self.bytes["attention"]
         if group == "dense":
             return 0 if a.is_moe(layer) else self.bytes["dense"]
-        if group in ("router", "shared"):
+        if group == "router":  # held with its gate in fp32, as routing is computed (the checkpoint's is bf16)
+            return self.bytes[group] + a.n_routed_experts * a.hidden_size * (4 - 2) if a.is_moe(layer) else 0
+        if group == "shared":
             return self.bytes[group] if a.is_moe(layer) else 0
         raise ValueError(f"{group!r} is not a per-layer group")
 

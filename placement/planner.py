@@ -84,7 +84,7 @@ def choose_cpu(spec: ModelSpec, hw: Hardware) -> CpuSection:
     each expert's rows; hybrid/experts/kt_backend.py)."""
     cpu, a = hw.cpu, spec.arch
     threads = cpu.cores
-    pools = min(cpu.numa_nodes, threads)
+    pools = cpu.pools(threads)
     backend = cpu.expert_backend or ("kt" if cpu.has("avx2") else "torch")
     if a.quant == "int4":
         return CpuSection(backend=backend, method="int4_kgroup", threads=threads, threadpools=pools)

@@ -7,23 +7,20 @@ asks it (`device_of`, `gpu_experts_of`) and refuses one with problems, with the 
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from placement.errors import PlacementError
+from placement.atomic import atomic_write
+from placement.checks import PROFILE_VERSION, Problem, ProfileError, check
 from placement.hardware import Hardware
+from placement.memory import LAYER_GROUPS
 from placement.model_spec import Arch, ModelSpec, ModelSpecError
 
-PROFILE_VERSION = 1
 METHODS = ("int4_kgroup", "amx_int4", "amx_int8", "bf16")
-LAYER_GROUPS = ("attention", "router", "shared", "dense")
 _DEVICE = re.compile(r"cpu|cuda:(\d+)")
 
 SECTION_NOTES = {
@@ -40,25 +37,6 @@ SECTION_NOTES = {
               "during the next layer (0: exact)",
     "prediction": "what the cost model expects, for information (formulas in docs/placement.md)",
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message} (fix: {self.fix})"
-
-
-class ProfileError(PlacementError):
-    """A profile that cannot be run; the message lists every problem."""
-
-    def __init__(self, problems: list[Problem], source: str = "profile"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
 class _Section(BaseModel):
@@ -187,8 +165,6 @@ class Profile(_Section):
             problems += [_schema_problem(err) for err in e.errors()]
             broken = {".".join(map(str, err["loc"][:2])) for err in e.errors()}
             profile = _parts(cls, data, broken)
-        from placement.checks import check
-
         problems += check(profile, checkpoint, broken)  # what the parts that did parse say, in the same pass
         if problems:
             raise ProfileError(problems, source)
@@ -208,23 +184,11 @@ class Profile(_Section):
 
     def save(self, path: str | Path, header: str = "") -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_yaml(header))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, self.to_yaml(header))
 
     # ---- checks ----
     def problems(self, checkpoint: Arch | None = None) -> list[Problem]:
         """Everything that would stop this profile from running as written."""
-        from placement.checks import check
-
         return check(self, checkpoint)
 
     def gpu_index(self, device: str) -> int | None:

@@ -205,10 +205,10 @@ def test_max_tokens_beyond_the_context_is_clamped_not_refused(server, serving):
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines) == "event: message_start"
-        while not serving.engine.engine.requests:
+        while not serving.engine.requests:
             time.sleep(0.001)
-        [seq] = serving.engine.engine.requests.values()
-        assert seq.max_tokens == serving.engine.engine.max_model_len - seq.num_prompt_tokens
+        [seq] = serving.engine.requests.values()
+        assert seq.max_tokens == serving.engine.max_model_len - seq.num_prompt_tokens
 
 
 def test_openai_endpoint_preserves_thinking_only_when_asked(server, serving, engine):

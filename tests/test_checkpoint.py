@@ -8,7 +8,7 @@ import torch
 
 from hybrid.model.checkpoint import Checkpoint, CheckpointError
 from hybrid.model.config import ConfigError, ModelConfig
-from hybrid.model.quant import dequantize_int4, pack_int4, unpack_int4
+from hybrid.quant import dequantize_int4, pack_int4, unpack_int4
 from hybrid.model.synthetic import kimi_config, write_checkpoint
 
 

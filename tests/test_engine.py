@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hybrid.api import load_model
+from hybrid.settings import settings
 from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, SamplingParams
 from hybrid.engine.page_manager import PageManager
 from hybrid.engine.sampler import sample
@@ -119,7 +120,7 @@ def test_stop_strings_and_tokens(model, tokenizer):
 
 def test_a_profile_sizes_the_cache_the_context_and_the_chunks(model, tiny_dir):
     profile = Profile.load(Path(__file__).parents[1] / "profiles/tiny_cpu_2core.yaml", model=tiny_dir)
-    engine = Engine(model, config=EngineConfig.from_profile(profile))
+    engine = Engine(model, config=settings(tiny_dir, profile).engine)
     kv = profile.kv_cache
     assert (engine.pages.num_pages, engine.pages.page_size) == (kv.max_pages, kv.page_size)
     assert engine.max_model_len == kv.context_length

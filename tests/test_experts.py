@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from hybrid.experts import ExpertOptions, PackedInt4Experts, TorchExperts, cpu, make_backend
 from hybrid.experts.weights import ExpertWeights
-from hybrid.model.quant import pack_int4
+from hybrid.quant import pack_int4
 
 E, H, I, K = 16, 256, 256, 4
 CHUNK = 64  # kt's max_len in these tests: 100 tokens need two tasks

@@ -54,6 +54,15 @@ FAULTS = {  # name -> (change to the profile, what the message must say)
     "missing field": (_drop("cpu.threads"), "cpu.threads: Field required (fix: add this field)"),
     "too many deferred experts": (_set("decode.defer_experts", 8),
                                   "decode.defer_experts: 8 defers every routed expert"),
+    # fields the runtime could not honour as written
+    "pools the runtime would not make": (_set("cpu.threadpools", 1),
+                                         "cpu.threadpools: 1 pool(s), but the runtime makes one kt-kernel pool per "
+                                         "NUMA node its 64 threads run on (2 node(s) of 32 cores): 2 (fix: set it to 2)"),
+    "a layer split over devices": (_set("devices.layers.0.shared", "cpu"),
+                                   "devices.layers.0: splits a layer's attention, router, shared and dense over cpu "
+                                   "and cuda:0; the runtime runs a layer's modules on one device (fix: give all four"),
+    "stream buffer below two experts": (_set("prefill.stream_buffer_mib.cuda:0", 30),
+                                        "prefill.stream_buffer_mib.cuda:0: 30 MiB cannot stage two experts (48 MiB)"),
 }
 
 

@@ -35,7 +35,7 @@ def test_tiny_model_follows_its_shipped_profile(tiny_dir):
             assert cpu.name in (profile.cpu.backend, "torch")  # torch only where kt-kernel cannot run
             if cpu.name == "kt":
                 assert cpu.method == profile.cpu.method and cpu.threads == profile.cpu.threads
-    assert model.placement.kv_tokens == profile.kv_cache.max_tokens
+    assert model.settings.engine.kv_cache_tokens == profile.kv_cache.max_pages * profile.kv_cache.page_size
     assert model.logits(torch.arange(8)).shape == (8, model.config.vocab_size)
 
 

@@ -101,6 +101,22 @@ def test_streamed_prefill_equals_cpu_prefill(tiny_dir, ids, plain):
     assert got == tokens and rel(got_logits, logits) <= 1e-3
 
 
+def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
+    """A buffer of two experts streams each layer's CPU experts one at a time beside the hot ones:
+    the same logits, and the staging slots hold exactly the two experts the buffer was given."""
+    model, _, _ = plain
+    per_expert = model.moe_experts()[0].cpu.weights.nbytes() // model.config.n_routed_experts
+    placement = Placement.on("cpu", experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
+                             stream_buffer={"cpu": 2 * per_expert + per_expert // 2})
+    streamed = load_model(tiny_dir, placement, dtype=torch.float32)
+    streamer = streamed.moe_experts()[0].streamer
+    assert streamer.nbytes() == 0  # nothing staged before a prompt streams
+    assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
+    assert streamer.nbytes() == 2 * per_expert
+    assert {end - first for _, first, end in streamer.runs} == {1}
+    assert len(streamer.runs) == len(model.config.moe_layers) * (model.config.n_routed_experts - 4)
+
+
 def test_stats_count_every_routed_slot(tiny_dir, ids, tmp_path):
     stats = ActivationStats(16)
     model = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)

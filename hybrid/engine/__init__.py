@@ -1,6 +1,6 @@
 """Requests, continuous batching, the paged latent KV cache with its prefix cache, sampling."""
 
-from hybrid.engine.config import EngineConfig
+from hybrid.settings import EngineConfig
 from hybrid.engine.engine import Engine, PromptTooLong
 from hybrid.engine.engine_thread import EngineThread
 from hybrid.engine.request_output import RequestOutput

@@ -8,7 +8,7 @@ import itertools
 import torch
 
 from hybrid.api import HybridModel
-from hybrid.engine.config import EngineConfig
+from hybrid.settings import EngineConfig
 from hybrid.engine.model_runner import ModelRunner
 from hybrid.engine.page_manager import PageManager
 from hybrid.engine.request_output import RequestOutput, TokenLogprob
@@ -26,11 +26,11 @@ class PromptTooLong(ValueError):
 
 class Engine:
     def __init__(self, model: HybridModel, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
-        self.config = config = config or EngineConfig()
-        self.tokenizer = tokenizer
+        """`config`: the model's settings' engine configuration unless given."""
+        self.config = config = config or model.settings.engine
+        self.model, self.tokenizer = model, tokenizer
         cfg = model.config
-        dtype_bytes = model.model.lm_head.weight.element_size()
-        self.pages = PageManager(config.num_pages(cfg, dtype_bytes), config.page_size)
+        self.pages = PageManager(config.num_pages(cfg, model.dtype.itemsize), config.page_size)
         self.runner = ModelRunner(model, self.pages)
         self.scheduler = Scheduler(self.pages, config.max_batch_tokens, config.max_running)
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
@@ -42,6 +42,14 @@ class Engine:
     def __bool__(self) -> bool:
         """Whether any request is unfinished."""
         return bool(self.scheduler)
+
+    @property
+    def forward_seconds(self) -> float:
+        return self.runner.forward_seconds
+
+    def expert_wait_s(self) -> float:
+        """Seconds forward passes have waited for routed experts."""
+        return self.model.expert_wait_s()
 
     def check_prompt(self, num_tokens: int) -> None:
         """Raise PromptTooLong unless a prompt of num_tokens leaves room for one generated token."""

@@ -35,6 +35,6 @@ class ModelRunner:
                 rows.append(row - 1)
         batch = ForwardBatch(torch.cat(ids), torch.cat(positions), [n for _, n in scheduled], slots)
         start = time.perf_counter()
-        logits = self.model.model(batch, self.cache, logits_index=torch.tensor(rows, dtype=torch.long))
+        logits = self.model.forward(batch, self.cache, logits_index=torch.tensor(rows, dtype=torch.long))
         self.forward_seconds += time.perf_counter() - start
         return logits

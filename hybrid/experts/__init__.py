@@ -75,7 +75,7 @@ def _candidates(weights: ExpertWeights, layer: int, options: ExpertOptions, dtyp
 def default_kernel(options: ExpertOptions = ExpertOptions()) -> tuple[ExpertBackend, list[self_check.Verdict]]:
     """What the default path runs here for an INT4 layer in Kimi's format (group-32 scales), and
     the self-check verdicts it reached that choice by, refusals first."""
-    from hybrid.model.quant import quantize_int4
+    from hybrid.quant import quantize_int4
 
     g = torch.Generator().manual_seed(0)
     e, h, i = 16, 512, 256

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import hybrid
-from hybrid.atomic import atomic_dir
+from placement.atomic import atomic_dir
 from hybrid.experts import cpu
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights

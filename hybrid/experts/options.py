@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from placement.profile import METHODS as PROFILE_METHODS
+
 BACKENDS = ("auto", "kt", "torch")
-METHODS = ("auto", "int4_kgroup", "amx_int4", "amx_int8", "bf16")
+METHODS = ("auto", *PROFILE_METHODS)
 
 
 @dataclass(frozen=True)

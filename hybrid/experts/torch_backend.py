@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.experts.weights import ExpertWeights
-from hybrid.model.quant import dequantize_int4, unpack_int4
+from hybrid.quant import dequantize_int4, unpack_int4
 
 
 class TorchExperts:

@@ -62,6 +62,10 @@ class KVCache:
         devices = devices or [torch.device("cpu")] * num_layers
         self.layers = [torch.zeros(num_slots, kv_lora_rank + rope_dim, dtype=dtype, device=d) for d in devices]
 
+    def nbytes(self, device: torch.device | str) -> int:
+        """Memory the cache holds on `device`."""
+        return sum(t.nbytes for t in self.layers if t.device == torch.device(device))
+
     @property
     def num_slots(self) -> int:
         return self.layers[0].shape[0]

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from hybrid.errors import UserError
 from hybrid.experts.weights import ExpertWeights
 from hybrid.model.config import ModelConfig
-from hybrid.model.quant import dequantize_fp8_block, dequantize_int4
+from hybrid.quant import dequantize_fp8_block, dequantize_int4
 
 
 class CheckpointError(UserError, ValueError):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.model.quant import dequantize_fp8_block
+from hybrid.quant import dequantize_fp8_block
 
 
 class Fp8Linear(nn.Module):

@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from hybrid.atomic import atomic_dir
+from placement.atomic import atomic_dir
 from hybrid.model.checkpoint import tensor_shapes
 from hybrid.model.config import ModelConfig
-from hybrid.model.quant import quantize_fp8_block, quantize_int4
+from hybrid.quant import quantize_fp8_block, quantize_int4
 from hybrid.tokenizer.vocab import write_tokenizer, write_vocabulary
 
 N_SPECIAL = 256

@@ -20,6 +20,10 @@ class DeviceExperts:
         self._run = TorchExperts(weights.map(lambda t: t[idx].to(self.device)), dtype)
         self.local = self.local.to(self.device)
 
+    def nbytes(self) -> int:
+        """Device memory the resident experts hold."""
+        return self._run.nbytes()
+
     def owns(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Which slots' experts live here: bool, shaped like topk_ids."""
         return self.local[topk_ids.clamp(min=0)].ge(0) & topk_ids.ge(0)

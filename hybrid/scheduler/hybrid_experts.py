@@ -5,8 +5,8 @@ It is itself an expert backend, so the model's MoE block stays `submit -> shared
 - wait computes the GPU-resident (hot) experts while the CPU works, then joins the CPU result;
 - with deferral, each token's `defer` lowest-weight CPU experts are submitted only after the
   join and their sum is added one MoE layer later, overlapping that layer's attention;
-- prompts of `stream_threshold` tokens or more skip the CPU: the layer's experts are streamed to
-  the GPU (`ExpertStreamer`) and all run there.
+- prompts of `stream_threshold` tokens or more skip the CPU: the layer's CPU experts are streamed
+  to the GPU (`ExpertStreamer`) and run there beside the hot ones.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ class HybridExperts:
         hidden, topk_ids, topk_weights = self._args
         self._args = None
         if self.streaming(hidden.shape[0]):
-            out = self.streamer.experts(self.layer).forward(hidden, topk_ids, topk_weights)
+            out = self.streamer.forward(self.layer, hidden, topk_ids, topk_weights)
+            if self.hot is not None:
+                out += self.hot.forward(hidden, topk_ids, topk_weights)
         else:
             out = torch.zeros_like(hidden)
             if self.hot is not None:  # runs on the GPU while the CPU works on its share

@@ -1,7 +1,7 @@
 """What runs where, in the runtime's terms, and the per-layer expert executors built from it.
 
-A `Placement` is read from a placement Profile (the normal case) or given directly (tests, and
-a machine with no profile: everything on one device). The runtime makes no placement decision
+A `Placement` is made from a placement Profile by `hybrid.settings` (the normal case) or given
+directly (tests, and a machine with no profile: everything on one device). The runtime makes no placement decision
 of its own: every device, hot expert, threshold and thread count below comes from here.
 """
 
@@ -19,6 +19,7 @@ from hybrid.scheduler.device_experts import DeviceExperts
 from hybrid.scheduler.hybrid_experts import Deferred, HybridExperts
 from hybrid.scheduler.prefill_stream import ExpertStreamer
 from hybrid.scheduler.stats import ActivationStats
+from placement.memory import STREAM_GROUP
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -31,30 +32,13 @@ class Placement:
     hot_experts: dict[int, list[int]] = field(default_factory=dict)
     experts: ExpertOptions = field(default_factory=ExpertOptions)
     stream_threshold: int | None = None
+    stream_buffer: dict[str, int] = field(default_factory=dict)  # device -> staging bytes (default: STREAM_GROUP x 2)
     defer: int = 0
-    kv_tokens: int | None = None
-    page_size: int = 16
 
     @classmethod
     def on(cls, device: str = "cpu", **kw) -> "Placement":
         """Every dense module on `device`, routed experts on the CPU backend."""
         return cls(embed=device, lm_head=device, **kw)
-
-    @classmethod
-    def from_profile(cls, profile) -> "Placement":
-        cfg_layers = range(profile.model.num_hidden_layers)
-        for i in cfg_layers:
-            groups = {profile.device_of(g, i) for g in ("attention", "router", "shared", "dense")}
-            if len(groups) > 1:
-                raise ValueError(f"devices.layers: layer {i} splits attention/router/shared/dense over "
-                                 f"{sorted(groups)}; this runtime keeps a layer's modules on one device")
-        return cls(
-            embed=profile.device_of("embed"), lm_head=profile.device_of("lm_head"),
-            layers={i: profile.device_of("attention", i) for i in cfg_layers},
-            hot_experts={int(k): list(v) for k, v in profile.gpu_experts.items() if v},
-            experts=ExpertOptions(backend=profile.cpu.backend, method=profile.cpu.method, threads=profile.cpu.threads),
-            stream_threshold=profile.prefill.stream_threshold_tokens, defer=profile.decode.defer_experts,
-            kv_tokens=profile.kv_cache.max_tokens, page_size=profile.kv_cache.page_size)
 
     def layer_device(self, layer: int) -> torch.device:
         return torch.device(self.layers.get(layer, self.embed))
@@ -80,12 +64,16 @@ class ExpertBuilder:
     def __call__(self, layer: int, weights: ExpertWeights) -> HybridExperts:
         device = self.p.layer_device(layer)
         streamer = None
+        hot_ids = self.p.hot_experts.get(layer)
         if self.p.stream_threshold is not None:  # registered first: it may move them to pinned memory
-            streamer = self.streamers.setdefault(device, ExpertStreamer(device, self.dtype))
-            streamer.add(layer, weights)
+            if device not in self.streamers:
+                default = 2 * STREAM_GROUP * weights.nbytes() // weights.num_experts
+                self.streamers[device] = ExpertStreamer(device, self.p.stream_buffer.get(str(device), default),
+                                                        self.dtype)
+            streamer = self.streamers[device]
+            streamer.add(layer, weights, sorted(set(range(weights.num_experts)) - set(hot_ids or ())))
             weights = streamer.layers[layer]
         cpu = make_backend(weights, layer, self.p.experts, self.dtype, self.cfg.num_experts_per_tok)
-        hot_ids = self.p.hot_experts.get(layer)
         hot = DeviceExperts(weights, hot_ids, device, self.dtype) if hot_ids else None
         last = layer == self.cfg.moe_layers[-1]
         carry_in, self.carry = self.carry, (None if last else Deferred())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid.atomic import atomic_write
+from placement.atomic import atomic_write
 
 
 class ActivationStats:

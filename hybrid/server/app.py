@@ -22,7 +22,7 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        serving.engine.stop()
+        serving.thread.stop()
 
     app = FastAPI(title="hybrid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving
@@ -44,7 +44,7 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(serving.metrics.render(serving.engine.engine),
+        return PlainTextResponse(serving.metrics.render(serving.engine),
                                  media_type="text/plain; version=0.0.4")
 
     return app

@@ -65,7 +65,7 @@ class Server(uvicorn.Server):
             self.on_started()
 
     async def shutdown(self, sockets=None) -> None:
-        self.serving.engine.abort_all("shutdown", "the server is shutting down")
+        self.serving.thread.abort_all("shutdown", "the server is shutting down")
         await super().shutdown(sockets)
 
 

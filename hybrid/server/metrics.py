@@ -70,7 +70,7 @@ class Metrics:
         metric("requests_waiting", "gauge", "Requests queued for KV pages.",
                [f"requests_waiting {len(engine.scheduler.waiting)}"])
         metric("forward_seconds_total", "counter", "Time in forward passes.",
-               [f"forward_seconds_total {engine.runner.forward_seconds}"])
+               [f"forward_seconds_total {engine.forward_seconds}"])
         metric("expert_wait_seconds_total", "counter", "Time forward passes waited for routed experts.",
-               [f"expert_wait_seconds_total {engine.runner.model.expert_wait_s()}"])
+               [f"expert_wait_seconds_total {engine.expert_wait_s()}"])
         return "\n".join(out) + "\n"

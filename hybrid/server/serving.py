@@ -22,14 +22,14 @@ from hybrid.server.errors import APIError
 from hybrid.server.metrics import Metrics
 from hybrid.server.tool_ids import next_call_index
 from hybrid.tokenizer import Tokenizer
-from placement.profile import Profile
 
 DISCONNECT_POLL_S = 0.1
 
 
 @dataclass
 class Serving:
-    engine: EngineThread
+    thread: EngineThread  # runs `engine`; requests go through it
+    engine: Engine  # read for its limits and state, never stepped from here
     tokenizer: Tokenizer
     model_name: str
     metrics: Metrics = field(default_factory=Metrics)
@@ -38,22 +38,19 @@ class Serving:
     @classmethod
     def load(cls, folder: str | Path, profile=None, model_name: str | None = None,
              dtype: torch.dtype = torch.bfloat16, config: EngineConfig | None = None, progress=None) -> "Serving":
-        """Load a checkpoint folder and start its engine thread. `profile`: a placement Profile
-        (or its path), which also sizes the KV cache; `model_name` defaults to the folder's name;
-        `progress(done, total)` follows the loading."""
+        """Load a checkpoint folder and start its engine thread. `profile`: what `load_model`
+        takes (a placement Profile or its path, Settings, ...), which also sizes the KV cache unless
+        `config` is given; `model_name` defaults to the folder's name; `progress(done, total)`
+        follows the loading."""
         folder = Path(folder)
-        if isinstance(profile, (str, Path)):
-            profile = Profile.load(profile, model=folder)
-        if config is None and isinstance(profile, Profile):
-            config = EngineConfig.from_profile(profile)
         tokenizer = Tokenizer.from_pretrained(folder)
         engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)
-        return cls(EngineThread(engine).start(), tokenizer, model_name or folder.name)
+        return cls(EngineThread(engine).start(), engine, tokenizer, model_name or folder.name)
 
     def summary(self) -> list[str]:
         """What is served and how, in a few lines (`hybrid serve` prints them as it starts)."""
-        engine = self.engine.engine
-        model, pages = engine.runner.model, engine.pages
+        engine = self.engine
+        model, pages = engine.model, engine.pages
         cfg, p = model.config, model.placement
         quant = {"compressed-tensors": "int4", "fp8": "fp8"}.get(cfg.quant.method, "?") if cfg.quant else "bf16"
         devices = sorted({p.embed, p.lm_head, *p.layers.values()})
@@ -62,7 +59,7 @@ class Serving:
         lines = [
             f"model: {self.model_name} ({model.folder}): {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "
             f"routed experts of which {cfg.num_experts_per_tok} per token ({quant}), computing in "
-            f"{str(model.model.lm_head.weight.dtype).removeprefix('torch.')}",
+            f"{str(model.dtype).removeprefix('torch.')}",
             f"placement: dense layers, attention and KV cache on {', '.join(devices)}; routed experts on the CPU"
             + (f", {hot:,} of them on GPUs" if hot else "")
             + (f"; prompts of {p.stream_threshold:,}+ tokens stream experts to the GPU" if p.stream_threshold else ""),
@@ -108,7 +105,7 @@ class Serving:
 
     def hold(self, params: SamplingParams, grammar: str, param: str, prompt_len: int) -> None:
         """Hold the reply to `grammar` within its token budget; a 400 naming `param` if it cannot be."""
-        room = self.engine.engine.max_model_len - prompt_len
+        room = self.engine.max_model_len - prompt_len
         try:
             processor = GrammarProcessor(self.tokenizer, grammar, min(params.max_tokens or room, room))
         except GrammarError as e:
@@ -118,7 +115,7 @@ class Serving:
     def check_prompt(self, prompt_ids: list[int], param: str = "messages") -> None:
         """A prompt that cannot fit is the client's error (400), found before any response starts."""
         try:
-            self.engine.engine.check_prompt(len(prompt_ids))
+            self.engine.check_prompt(len(prompt_ids))
         except PromptTooLong as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
@@ -133,7 +130,7 @@ class Serving:
         reason = "abort"
         m = self.metrics
         try:
-            async for out in self.engine.generate(prompt_ids, params):
+            async for out in self.thread.generate(prompt_ids, params):
                 now = time.monotonic()
                 if out.token_ids:
                     (m.ttft if last is None else m.itl).observe(now - (last or start))
