@@ -61,7 +61,7 @@ class Metrics:
         pages = engine.pages
         metric("kv_pages_used", "gauge", "KV cache pages held by requests.", [f"kv_pages_used {pages.num_used}"])
         metric("kv_pages_cached", "gauge", "KV cache pages kept only for the prefix cache.",
-               [f"kv_pages_cached {len(pages.evictable)}"])
+               [f"kv_pages_cached {pages.num_cached}"])
         metric("prefix_cache_pages", "gauge", "KV cache pages the prefix cache can hand out, held or not.",
                [f"prefix_cache_pages {len(pages.cached)}"])
         metric("kv_pages_total", "gauge", "KV cache pages.", [f"kv_pages_total {pages.num_pages}"])
