@@ -203,14 +203,15 @@ def test_every_ample_machine_gets_a_plan_within_each_devices_memory(spec, data):
     hw = data.draw(ample(spec))
     p = plan(spec, hw)
     a = spec.arch
-    kv_token_layer = (a.kv_lora_rank + a.qk_rope_head_dim) * 2
+    kv_token_layer = (a.kv_lora_rank + a.qk_rope_head_dim) * (1 if p.kv_cache.dtype == "fp8" else 2)
+    on_device = p.kv_cache.max_tokens - p.kv_cache.host_tokens  # the rest of the cache lives in host RAM
     use = usage(p, spec)
     for d in range(len(hw.gpus)):
         device = f"cuda:{d}"
         experts = sum(len(p.gpu_experts_of(layer)) for layer in a.moe_layers if p.device_of("router", layer) == device)
         layers = sum(p.device_of("attention", layer) == device for layer in range(a.num_hidden_layers))
         assert use[device].experts == experts * stored_expert_bytes(a)
-        assert use[device].kv == layers * p.kv_cache.max_tokens * kv_token_layer
+        assert use[device].kv == layers * on_device * kv_token_layer
     for device, u in use.items():
         assert u.total <= u.budget, device
     assert p.problems() == []
