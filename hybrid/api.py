@@ -9,12 +9,12 @@ import torch
 from hybrid.model import dense_kernel
 from hybrid.model.batch import ForwardBatch, KVCache
 from hybrid.model.checkpoint import Checkpoint
-from hybrid.model.config import ModelConfig
 from hybrid.model.decoder import DeepseekV3
 from hybrid.model.loader import build_model
 from hybrid.scheduler.placement import ExpertBuilder, Placement
 from hybrid.scheduler.stats import ActivationStats
 from hybrid.settings import Settings, settings
+from placement.model_config import ModelConfig
 
 
 class HybridModel:

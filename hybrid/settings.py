@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybrid.experts import ExpertOptions
-from hybrid.model.config import ModelConfig
 from hybrid.scheduler.placement import Placement
 from placement.memory import MIB
+from placement.model_config import ModelConfig
 from placement.model_spec import Arch
 from placement.profile import Profile, ProfileError
 

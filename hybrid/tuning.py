@@ -70,7 +70,7 @@ def parts(model: HybridModel, prompt: int) -> list:
 def record(folder: Path, profile, prompts: list[str], out: Path, max_tokens: int = 32, progress=None) -> dict:
     """Run `prompts` (chat user turns) through the model and add their per-layer expert
     activation counts to the stats file `out` (created if missing; written atomically)."""
-    from hybrid.model.config import ModelConfig
+    from placement.model_config import ModelConfig
     from hybrid.scheduler.stats import ActivationStats
     from hybrid.tokenizer import Tokenizer
 
