@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from hybrid.experts import ExpertOptions, PackedInt4Experts, TorchExperts, cpu, make_backend
 from hybrid.experts.weights import ExpertWeights
 from hybrid.quant import pack_int4
+from placement.cpu_probe import has
 
 E, H, I, K = 16, 256, 256, 4
 CHUNK = 64  # kt's max_len in these tests: 100 tokens need two tasks
@@ -249,7 +250,7 @@ def _in_subprocess(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=120)
 
 
-@pytest.mark.skipif(not cpu.has("amx_tile", "amx_int8", "amx_bf16"), reason="this CPU lacks AMX")
+@pytest.mark.skipif(not has("amx_tile", "amx_int8", "amx_bf16"), reason="this CPU lacks AMX")
 def test_amx_build_runs_amx_kernels():
     """kt-kernel's `amx` build (AMX tiles) on an AMX CPU: INT8 from BF16 weights within bound."""
     run = _in_subprocess("""
@@ -265,7 +266,7 @@ def test_amx_build_runs_amx_kernels():
     assert float(run.stdout.split("ERR")[1]) <= 5e-2
 
 
-@pytest.mark.skipif(cpu.has("amx_tile") or cpu.kt().version is None, reason="this CPU has AMX (or no kt-kernel)")
+@pytest.mark.skipif(has("amx_tile") or cpu.kt().version is None, reason="this CPU has AMX (or no kt-kernel)")
 def test_amx_build_is_refused_without_amx():
     """Forcing the `amx` build on a CPU without AMX would die with SIGILL in its tile kernels."""
     run = _in_subprocess("from hybrid.experts import cpu; print(cpu.kt().reason)", KT_KERNEL_CPU_VARIANT="amx")
@@ -309,7 +310,7 @@ def test_packed_int4_is_right_at_every_torch_cpu_capability(capability):
     assert len(errors) == 3 and max(errors) <= 2e-2, errors
 
 
-@pytest.mark.skipif(cpu.kt().version is None or not cpu.has("avx2"), reason="needs kt-kernel and an AVX2 CPU")
+@pytest.mark.skipif(cpu.kt().version is None or not has("avx2"), reason="needs kt-kernel and an AVX2 CPU")
 @pytest.mark.parametrize("threads", [1, None])
 def test_kt_avx2_build_is_right(threads):
     """kt-kernel's `avx2` build, which AVX2-only CPUs load (any x86-64 CPU with AVX2 can run it):

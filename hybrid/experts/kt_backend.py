@@ -42,10 +42,11 @@ from pathlib import Path
 import torch
 
 import hybrid
-from placement.atomic import atomic_dir
 from hybrid.experts import cpu
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
+from placement.atomic import atomic_dir
+from placement.cpu_probe import node_of
 from placement.model_spec import expert_bytes_held
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Pool:
         self.caller_core = cores[-1] if len(cores) > 1 else None
         nodes: dict[int, list[int]] = {}
         for c in cores[:-1] if self.caller_core is not None else cores:
-            nodes.setdefault(cpu.node_of(c), []).append(c)
+            nodes.setdefault(node_of(c), []).append(c)
         cfg = kt_kernel_ext.WorkerPoolConfig()
         cfg.subpool_count = len(nodes)
         cfg.subpool_numa_map = list(nodes)
