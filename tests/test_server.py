@@ -15,6 +15,7 @@ import torch
 from hybrid.engine import EngineConfig
 from hybrid.engine.constrained import OneToolCall
 from hybrid.server import openai_api
+from hybrid.server.metrics import Metrics
 from hybrid.server.serving import Serving
 from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_CALL_BEGIN, TOOL_CALL_END,
                                        TOOL_CALLS_BEGIN, TOOL_CALLS_END)
@@ -222,7 +223,8 @@ def test_32_concurrent_streams_get_what_they_get_alone(server):
 
 def test_a_client_that_leaves_mid_stream_frees_its_pages(client, server, serving, script):
     script(ids_of(serving, "a") * 2000)  # a reply that would not end by itself
-    before, aborted = metric(server, "kv_pages_used"), serving.metrics.requests["abort"]
+    aborted = serving.metrics.value("requests_total", finish_reason="abort")
+    before = metric(server, "kv_pages_used")
     stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2000, stream=True)
     for _ in zip(range(5), stream):
         pass
@@ -232,7 +234,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_pages(client, server, serving
     while metric(server, "kv_pages_used") != before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert metric(server, "kv_pages_used") == before
-    assert serving.metrics.requests["abort"] == aborted + 1
+    assert serving.metrics.value("requests_total", finish_reason="abort") == aborted + 1
 
 
 def test_prompt_longer_than_the_cache_is_a_400_and_the_server_keeps_serving(client):
@@ -314,7 +316,7 @@ def test_unknown_route_is_a_404_in_the_same_shape(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_metrics_exposes_the_serving_figures(server, client):
+def test_metrics_exposes_the_serving_figures(server, client, serving):
     client.chat.completions.create(model="tiny", messages=HI, max_tokens=3)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "prefix_cache_hit_tokens_total",
@@ -323,4 +325,10 @@ def test_metrics_exposes_the_serving_figures(server, client):
         assert f"hybrid_{name}" in text
     assert metric(server, "kv_pages_total") == KV_TOKENS // 16
     assert metric(server, "expert_wait_seconds_total") > 0 and metric(server, "forward_seconds_total") > 0
+    ttft = r'^hybrid_time_to_first_token_seconds_bucket\{le="[^"]+"\} (\S+)$'
+    buckets = [float(n) for n in re.findall(ttft, text, re.M)]
+    assert buckets == sorted(buckets) and buckets[-1] == metric(server, "time_to_first_token_seconds_count") > 0
+    other = Metrics(serving.thread.engine)  # a second server's metrics in this process: a registry of its own
+    assert other.value("requests_total") == 0 < serving.metrics.value("requests_total")
+    assert other.value("kv_pages_total") == KV_TOKENS // 16
 

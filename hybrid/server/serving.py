@@ -32,7 +32,7 @@ class Serving:
     engine: Engine  # read for its limits and state, never stepped from here
     tokenizer: Tokenizer
     model_name: str
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -45,7 +45,7 @@ class Serving:
         folder = Path(folder)
         tokenizer = Tokenizer.from_pretrained(folder)
         engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)
-        return cls(EngineThread(engine).start(), engine, tokenizer, model_name or folder.name)
+        return cls(EngineThread(engine).start(), engine, tokenizer, model_name or folder.name, Metrics(engine))
 
     def summary(self) -> list[str]:
         """What is served and how, in a few lines (`hybrid serve` prints them as it starts)."""
@@ -135,18 +135,18 @@ class Serving:
                 if out.token_ids:
                     (m.ttft if last is None else m.itl).observe(now - (last or start))
                     last = now
-                    m.generation_tokens += len(out.token_ids)
+                    m.generation_tokens.inc(len(out.token_ids))
                 if out.finished:
                     reason = out.finish_reason
-                    m.prompt_tokens += out.num_prompt_tokens
-                    m.cached_tokens += out.num_cached_tokens
+                    m.prompt_tokens.inc(out.num_prompt_tokens)
+                    m.cached_tokens.inc(out.num_cached_tokens)
                     if reason == "error":
                         raise APIError(500, out.error or "the engine failed")
                     if reason == "shutdown":
                         raise APIError(503, out.error or "the server is shutting down")
                 yield out
         finally:
-            m.requests[reason] += 1
+            m.requests.labels(reason).inc()
 
 
 def _threads(backend) -> str:
