@@ -225,7 +225,7 @@ def serve(
     url = url_of(sock)
 
     def started() -> None:
-        for line in serving.summary():
+        for line in serving.summary:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
         console.print(f"serving [bold]{serving.model_name}[/] at {url} (OpenAI: {url}/v1; Anthropic: {url} or "
                       f"{url}/anthropic; also /health, /metrics)", highlight=False, soft_wrap=True)

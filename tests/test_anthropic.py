@@ -205,10 +205,10 @@ def test_max_tokens_beyond_the_context_is_clamped_not_refused(server, serving):
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines) == "event: message_start"
-        while not serving.engine.requests:
+        while not serving.thread.engine.requests:
             time.sleep(0.001)
-        [seq] = serving.engine.requests.values()
-        assert seq.max_tokens == serving.engine.max_model_len - seq.num_prompt_tokens
+        [seq] = serving.thread.engine.requests.values()
+        assert seq.max_tokens == serving.thread.engine.max_model_len - seq.num_prompt_tokens
 
 
 def test_openai_endpoint_preserves_thinking_only_when_asked(server, serving, engine):
@@ -358,7 +358,7 @@ def test_thinking_defaults_per_api(server, serving, engine, client):
     oai = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     oai.chat.completions.create(model="tiny", messages=HI, max_tokens=2)
     assert serving.tokenizer.decode(engine.prompts[-1]).endswith("<think>")
-    assert "thinking: on by default for /v1/chat/completions" in "\n".join(serving.summary())
+    assert "thinking: on by default for /v1/chat/completions" in "\n".join(serving.summary)
 
 
 def test_the_api_is_also_under_anthropic_as_moonshot_serves_it(server, engine):

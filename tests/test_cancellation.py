@@ -29,7 +29,7 @@ BODIES = {
 
 def pages_and_running(serving) -> tuple[int, int]:
     """KV pages held by requests, and requests running, as the engine has them."""
-    engine = serving.engine
+    engine = serving.thread.engine
     return engine.pages.num_used, len(engine.scheduler.running)
 
 
