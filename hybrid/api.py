@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from hybrid.model import dense_kernel
-from hybrid.model.batch import ForwardBatch, KVCache
+from hybrid.model.batch import ForwardBatch
 from hybrid.model.checkpoint import Checkpoint
 from hybrid.model.decoder import DeepseekV3
+from hybrid.model.kv_cache import KVCache
 from hybrid.model.loader import build_model
 from hybrid.scheduler.placement import ExpertBuilder, Placement
 from hybrid.scheduler.stats import ActivationStats
@@ -50,10 +51,12 @@ class HybridModel:
         """Seconds the model has spent waiting for routed experts, over all MoE layers."""
         return sum(experts.wait_s for experts in self.moe_experts())
 
-    def new_cache(self, num_slots: int) -> KVCache:
+    def new_cache(self, num_slots: int, device_slots: int | None = None, kv_dtype: str = "bf16") -> KVCache:
+        """A latent cache of num_slots, the first device_slots (default all) on the attention devices
+        and the rest in host RAM, stored as kv_dtype (bf16 or fp8)."""
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype,
-                       self.model.layer_devices())
+                       self.model.layer_devices(), device_slots, kv_dtype)
 
     def logits(self, input_ids) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position, without a cache."""
@@ -61,11 +64,11 @@ class HybridModel:
         return self.forward(ForwardBatch.single(ids), logits_index=torch.arange(ids.numel()))
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
-                 stop_ids: set[int] = frozenset(), return_logits: bool = False):
-        """Tokens after the prompt (greedy unless temperature > 0), using the latent KV cache.
-        With return_logits, also the float32 logits that chose each token."""
+                 stop_ids: set[int] = frozenset(), return_logits: bool = False, kv_dtype: str = "bf16"):
+        """Tokens after the prompt (greedy unless temperature > 0), using the latent KV cache stored
+        as kv_dtype. With return_logits, also the float32 logits that chose each token."""
         ids = torch.as_tensor(input_ids).reshape(-1).long()
-        cache = self.new_cache(ids.numel() + max_new_tokens)
+        cache = self.new_cache(ids.numel() + max_new_tokens, kv_dtype=kv_dtype)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out, steps = [], []
         batch = ForwardBatch.single(ids, 0, torch.arange(ids.numel()))

@@ -176,6 +176,10 @@ def _kv(p: Profile, out: list) -> None:
     elif kv.max_pages != -(-kv.max_tokens // kv.page_size):
         out.append(Problem("kv_cache.max_pages", f"{kv.max_pages} pages do not hold max_tokens {kv.max_tokens}",
                            f"set it to ceil(max_tokens / page_size) = {-(-kv.max_tokens // kv.page_size)}"))
+    if kv.host_tokens > kv.max_tokens or kv.host_tokens % kv.page_size:
+        out.append(Problem("kv_cache.host_tokens", f"{kv.host_tokens} is not a whole number of pages of "
+                           f"{kv.page_size} within max_tokens {kv.max_tokens}",
+                           f"use a multiple of {kv.page_size} up to {kv.max_tokens // kv.page_size * kv.page_size}"))
     if kv.context_length > p.model.max_position_embeddings:
         out.append(Problem("kv_cache.context_length", f"{kv.context_length} exceeds the model's "
                            f"max_position_embeddings ({p.model.max_position_embeddings})",

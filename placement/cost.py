@@ -39,6 +39,7 @@ GPU_BW_EFFICIENCY = 0.8
 GPU_FLOPS_EFFICIENCY = 0.5
 LINK_LATENCY_S = 10e-6  # one host <-> device hand-off of activations
 DECODE_CONTEXT = 4096  # context each sequence has when decode speed is quoted
+CURVE_CONTEXTS = (8192, 32768, 131072, 262144)  # contexts the decode curve is predicted at (up to the served one)
 PROMPT_TOKENS = 8192  # prompt length prefill speed is quoted for
 
 
@@ -140,17 +141,43 @@ def _cpu_experts(b: Breakdown, spec: ModelSpec, method: str, distinct: float, pi
     return max(read, b.add("CPU expert FLOPs / CPU peak", compute))
 
 
-def decode(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None) -> tuple[float, dict]:
-    """Tokens/s of one decode step of `concurrency` sequences at DECODE_CONTEXT, and the breakdown."""
+def tiers(p, context: int) -> tuple[int, int]:
+    """(tokens on the attention device, tokens in host RAM) of one sequence at `context`: its newest
+    tokens fill its share of the device tier, older ones are in the host tier."""
+    kv = p.kv_cache
+    on_device = min(context, kv.device_tokens // kv.concurrency)
+    return on_device, context - on_device
+
+
+def _host_attention(b: Breakdown, spec: ModelSpec, p, n: int, tokens: int) -> float:
+    """The CPU's part of one layer's split decode attention: reading `tokens` latents of each of n
+    sequences from host RAM, attending to them in the absorbed form, and the two hand-offs of the
+    queries and the partial results (fp32 latents and log-sum-exp)."""
+    a = spec.arch
+    read = b.add("host KV bytes / host bandwidth",
+                 n * tokens * spec.kv_bytes_per_token_layer(p.kv_cache.dtype) / (b.fig.host_gbps * 1e9))
+    flops = n * (spec.attention_flops(tokens, absorbed=True) - spec.attention_flops(0, absorbed=True))
+    compute = b.add("CPU attention FLOPs / CPU peak", flops / (b.fig.torch_tflops * 1e12))
+    return max(read, compute) + 2 * b.link(n * a.num_attention_heads * (a.kv_lora_rank + 1) * 4)
+
+
+def decode(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None,
+           context: int | None = None) -> tuple[float, dict]:
+    """Tokens/s of one decode step of `concurrency` sequences at `context` (default DECODE_CONTEXT),
+    and the breakdown. Where a sequence's context outgrows its device tier, the layer's attention is
+    split: the device over its tokens, the CPU over the host tier's, at the same time."""
     a, b = spec.arch, Breakdown(fig)
-    n, ctx = p.kv_cache.concurrency, min(DECODE_CONTEXT, p.kv_cache.context_length)
+    n, ctx = p.kv_cache.concurrency, min(context or DECODE_CONTEXT, p.kv_cache.context_length)
     act, k, defer = n * a.hidden_size * 2, a.num_experts_per_tok, p.decode.defer_experts / a.num_experts_per_tok
     total, where = 0.0, p.devices.embed
     for layer in range(a.num_hidden_layers):
         dev = p.device_of("attention", layer)
         total += b.link(act) if dev != where else 0.0
-        kv = n * ctx * spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
-        pre = b.module(dev, spec.bytes["attention"] + kv, n * spec.attention_flops(ctx, absorbed=True))
+        near, far = tiers(p, ctx) if dev != "cpu" else (ctx, 0)
+        kv = n * near * spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
+        pre = b.module(dev, spec.bytes["attention"] + kv, n * spec.attention_flops(near, absorbed=True))
+        if far:
+            pre = max(pre, _host_attention(b, spec, p, n, far))
         if not a.is_moe(layer):
             total += pre + b.module(p.device_of("dense", layer), spec.bytes["dense"], n * 2 * spec.params["dense"])
             where = p.device_of("dense", layer)
@@ -172,6 +199,13 @@ def decode(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | Non
     total += b.link(act) if p.devices.lm_head != where else 0.0
     total += b.module(p.devices.lm_head, spec.bytes["lm_head"], n * 2 * spec.params["lm_head"])
     return n / total, b.report(total)
+
+
+def decode_curve(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None) -> dict[int, float]:
+    """Predicted decode tokens/s at each of CURVE_CONTEXTS the profile serves, and at its full context."""
+    full = p.kv_cache.context_length
+    points = sorted({c for c in CURVE_CONTEXTS if c < full} | {full})
+    return {c: round(decode(p, spec, fig, freqs, c)[0], 2) for c in points}
 
 
 def prefill(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None,

@@ -53,10 +53,21 @@ def sglang(p: Profile, model_dir: str = "MODEL_DIR") -> str:
     if p.decode.defer_experts:
         flags.append(("--kt-max-deferred-experts-per-token", p.decode.defer_experts))
     kv = p.kv_cache
-    flags += [("--tensor-parallel-size", len(p.hardware.gpus)), ("--context-length", kv.context_length),
-              ("--max-total-tokens", kv.max_tokens), ("--max-running-requests", kv.concurrency),
+    flags += [("--tensor-parallel-size", len(p.hardware.gpus)), ("--context-length", _gpu_context(p, notes)),
+              ("--max-total-tokens", kv.device_tokens), ("--max-running-requests", kv.concurrency),
               ("--chunked-prefill-size", p.prefill.chunk_tokens)]
     return _command("python -m sglang.launch_server", flags, notes)
+
+
+def _gpu_context(p: Profile, notes: list[str]) -> int:
+    """Context per sequence of an engine that keeps the whole KV cache on the GPUs: the device tier's."""
+    kv = p.kv_cache
+    if not kv.host_tokens:
+        return kv.context_length
+    per_seq = kv.device_tokens // kv.concurrency
+    notes.append(f"The plan keeps {kv.host_tokens:,} KV tokens in host RAM, which this engine cannot: its context "
+                 f"is the GPU tier's {per_seq:,} tokens per sequence, not {kv.context_length:,}.")
+    return per_seq
 
 
 def llamacpp(p: Profile, spec: ModelSpec, gguf: str = "MODEL.gguf") -> str:
@@ -77,6 +88,6 @@ def llamacpp(p: Profile, spec: ModelSpec, gguf: str = "MODEL.gguf") -> str:
             counts[r.attention] = counts.get(r.attention, 0) + r.last - r.first + 1
         flags.append(("--tensor-split", ",".join(str(counts[d]) for d in sorted(counts) if d != "cpu")))
     batch = min(p.prefill.chunk_tokens, 4096)  # llama.cpp caps the micro-batch (-ub) at the batch (-b)
-    flags += [("-c", kv.context_length * kv.concurrency), ("-np", kv.concurrency), ("-t", p.cpu.threads),
+    flags += [("-c", _gpu_context(p, notes) * kv.concurrency), ("-np", kv.concurrency), ("-t", p.cpu.threads),
               ("-b", batch), ("-ub", batch), ("-fa", "on")]
     return _command("llama-server", flags, notes)

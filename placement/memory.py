@@ -62,12 +62,14 @@ def usage(p: Profile, spec: ModelSpec) -> dict[str, Usage]:
 
     at(p.devices.embed).weights += spec.bytes["embed"]
     at(p.devices.lm_head).weights += spec.bytes["lm_head"]
-    kv_layer = p.kv_cache.max_tokens * spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
+    per_token = spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
+    kv_layer, host_kv_layer = p.kv_cache.device_tokens * per_token, p.kv_cache.host_tokens * per_token
     cpu_method_bytes = spec.expert_host_bytes(p.cpu.method)
     for layer in range(a.num_hidden_layers):
         for group in LAYER_GROUPS:
             at(p.device_of(group, layer)).weights += spec.layer_bytes(group, layer)
         at(p.device_of("attention", layer)).kv += kv_layer
+        out["cpu"].kv += host_kv_layer
         if a.is_moe(layer):
             n_gpu = len(p.gpu_experts_of(layer))
             at(p.device_of("router", layer)).experts += n_gpu * spec.bytes["expert"]

@@ -262,8 +262,10 @@ class ModelSpec:
         return expert_bytes_held(method, a.hidden_size, a.moe_intermediate_size, a.group_size)
 
     def kv_bytes_per_token_layer(self, dtype: str = "bf16") -> int:
-        """MLA latent cache: (kv_lora_rank + qk_rope_head_dim) values per token and layer."""
-        return (self.arch.kv_lora_rank + self.arch.qk_rope_head_dim) * (1 if dtype == "fp8" else 2)
+        """MLA latent cache: (kv_lora_rank + qk_rope_head_dim) values per token and layer; FP8 adds
+        two fp32 scales (the latent's and the rope key's; hybrid/model/kv_cache.py)."""
+        values = self.arch.kv_lora_rank + self.arch.qk_rope_head_dim
+        return values + 8 if dtype == "fp8" else 2 * values
 
     def kv_bytes_per_token(self, dtype: str = "bf16") -> int:
         return self.arch.num_hidden_layers * self.kv_bytes_per_token_layer(dtype)

@@ -1,8 +1,9 @@
 """Hardware + model spec (+ activation stats) -> Profile.
 
 The always-used part (attention, router, shared experts, dense layers, lm_head) goes to the GPUs,
-in contiguous layer ranges; each GPU keeps a workspace and the KV cache of its layers; routed
-experts fill what is left; everything else runs on the CPU. The layer split is the one that holds
+in contiguous layer ranges; each GPU keeps a workspace and the KV cache of its layers (up to
+GPU_CONTEXT tokens a sequence: the rest of the model's full context is the host tier, in host RAM);
+routed experts fill what is left; everything else runs on the CPU. The layer split is the one that holds
 the most GPU experts, so more GPU memory never means fewer of them. A machine that cannot hold
 the model is refused with what is missing and by how much.
 """
@@ -31,7 +32,7 @@ from placement.profile import (
     Profile,
 )
 
-DEFAULT_CONTEXT = 131072  # planned when none is asked for (capped at the model's own maximum)
+GPU_CONTEXT = 131072  # KV tokens a sequence keeps on the GPUs at most; the rest of its context in host RAM
 MIN_CONTEXT = 4096  # below this a plan is refused rather than shrunk further
 PAGE_SIZE = 16  # the engine's page (and prefix-cache) granularity
 CHUNK_TOKENS = 4096
@@ -68,7 +69,7 @@ class Stats:
 
 @dataclass(frozen=True)
 class Request:
-    context: int | None = None  # tokens per sequence; None: DEFAULT_CONTEXT, or the most that fits
+    context: int | None = None  # tokens per sequence; None: the model's full context, or the most host RAM holds
     concurrency: int = 1
     stats: Stats | None = None
     kv_dtype: str = "bf16"
@@ -102,21 +103,25 @@ def plan(spec: ModelSpec, hw: Hardware, req: Request = Request()) -> Profile:
                         f"({a.max_position_embeddings})")
     cpu = choose_cpu(spec, hw)
     fig = cost.figures(hw, cpu.backend, cpu.method, cpu.threads)
-    context = req.context or min(a.max_position_embeddings, DEFAULT_CONTEXT)
+    context = req.context or a.max_position_embeddings
     if hw.gpus:
-        devices, gpu_experts, context, buffers = _gpu_layout(spec, hw, req, fig, cpu.method, context)
+        devices, gpu_experts, on_gpu, buffers = _gpu_layout(spec, hw, req, fig, cpu.method, context)
     else:
         devices, gpu_experts, context, buffers = _cpu_layout(spec, hw, req, cpu, context)
+        on_gpu = context
     tokens = context * req.concurrency
     p = Profile(
         version=PROFILE_VERSION, model=ModelSection(**a.model_dump(), config_hash=a.digest()),
         hardware=hw, devices=devices, gpu_experts=gpu_experts, cpu=cpu,
         kv_cache=KVCache(dtype=req.kv_dtype, page_size=PAGE_SIZE, max_tokens=tokens,
-                         max_pages=-(-tokens // PAGE_SIZE), context_length=context, concurrency=req.concurrency),
+                         max_pages=-(-tokens // PAGE_SIZE), context_length=context, concurrency=req.concurrency,
+                         host_tokens=(context - on_gpu) * req.concurrency),
         prefill=Prefill(chunk_tokens=CHUNK_TOKENS), decode=Decode())
     p.prefill.stream_threshold_tokens = _threshold(p, spec, fig, req) if buffers else None
     if p.prefill.stream_threshold_tokens is not None:
         p.prefill.stream_buffer_mib = {d: b // MIB for d, b in buffers.items()}
+    if req.context is None:
+        _fit_host_tier(p, spec)
     _check_host(p, spec)
     if hw.gpus and all(len(p.gpu_experts_of(layer)) == a.n_routed_experts for layer in a.moe_layers):
         p.devices.embed = p.device_of("attention", 0)  # every expert is on a GPU: the embedding may go too
@@ -129,8 +134,23 @@ def plan(spec: ModelSpec, hw: Hardware, req: Request = Request()) -> Profile:
     pre, pre_ms = cost.prefill(p, spec, fig, freqs, prompt)
     p.prediction = Prediction(decode_tok_s=round(dec, 2), prefill_tok_s=round(pre, 1),
                               decode_context=min(cost.DECODE_CONTEXT, context), prompt_tokens=prompt,
-                              concurrency=req.concurrency, decode_ms=dec_ms, prefill_ms=pre_ms)
+                              concurrency=req.concurrency, decode_ms=dec_ms, prefill_ms=pre_ms,
+                              decode_curve=cost.decode_curve(p, spec, fig, freqs))
     return p
+
+
+def _fit_host_tier(p: Profile, spec: ModelSpec) -> None:
+    """Shorten the served context until the host tier fits host RAM (never below the GPU tier)."""
+    kv, u = p.kv_cache, usage(p, spec)["cpu"]
+    over = u.total - u.budget
+    if over <= 0 or not kv.host_tokens:
+        return
+    per_seq = -(-over // (spec.kv_bytes_per_token(kv.dtype) * kv.concurrency))
+    cut = min(-(-per_seq // PAGE_SIZE) * PAGE_SIZE, kv.host_tokens // kv.concurrency)
+    kv.context_length -= cut
+    kv.host_tokens -= cut * kv.concurrency
+    kv.max_tokens = kv.context_length * kv.concurrency
+    kv.max_pages = -(-kv.max_tokens // PAGE_SIZE)
 
 
 def _threshold(p: Profile, spec: ModelSpec, fig: cost.Figures, req: Request) -> int | None:
@@ -168,6 +188,7 @@ def _gpu_layout(spec: ModelSpec, hw: Hardware, req: Request, fig: cost.Figures, 
     def fits(tokens: int, staging: int = 0) -> bool:
         return _greedy_end(lambda g, i, j: left(g, i, j, tokens, staging), n_gpus, n_layers) == n_layers
 
+    context = min(context, GPU_CONTEXT)  # the GPU tier's share of each sequence
     target = context * req.concurrency
     if not fits(0):
         placed = _greedy_end(lambda g, i, j: left(g, i, j, 0, 0), n_gpus, n_layers)
@@ -186,15 +207,7 @@ def _gpu_layout(spec: ModelSpec, hw: Hardware, req: Request, fig: cost.Figures, 
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid * PAGE_SIZE * req.concurrency) else (lo, mid - 1)
-        largest = lo * PAGE_SIZE
-        if req.context is not None or largest < MIN_CONTEXT:
-            per_token = spec.kv_bytes_per_token(req.kv_dtype)
-            raise PlanError(f"the KV cache for {context} tokens x {req.concurrency} sequence(s) needs "
-                            f"{target * per_token / GIB:.1f} GiB on the GPUs; after the weights and workspace they "
-                            f"hold {largest} tokens per sequence: short by "
-                            f"{(target - largest * req.concurrency) * per_token / GIB:.1f} GiB. Ask for --context "
-                            f"{largest} or less (at least {MIN_CONTEXT}), lower --concurrency, or use more GPU memory.")
-        context = largest
+        context = lo * PAGE_SIZE  # the rest of each sequence in host RAM
     tokens = context * req.concurrency
     if buf and not (with_experts and fits(tokens, buf)):
         buf, with_experts = 0, False

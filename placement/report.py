@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from placement.cost import tiers
 from placement.memory import GIB, usage
 from placement.model_spec import ModelSpec
 from placement.profile import LAYER_GROUPS, Profile
@@ -33,6 +34,8 @@ def holdings(p: Profile) -> dict[str, list[str]]:
             experts[p.device_of("router", layer)] = experts.get(p.device_of("router", layer), 0) + n
     for device, n in experts.items():
         out.setdefault(device, []).append(f"{n:,} routed experts")
+    if p.kv_cache.host_tokens:
+        out.setdefault("cpu", []).append(f"KV host tier: {p.kv_cache.host_tokens:,} tokens")
     cpu_n = len(a.moe_layers) * a.n_routed_experts - sum(experts.values())
     out.setdefault("cpu", []).append(f"{cpu_n:,} routed experts ({p.cpu.method} on {p.cpu.backend}, "
                                      f"{_threads(p.cpu.threads)})")
@@ -77,6 +80,22 @@ def speed_table(p: Profile) -> Table:
     return t
 
 
+def curve_table(p: Profile) -> Table:
+    """Predicted decode speed against context length, with where each sequence's KV lives."""
+    t = Table(title="Predicted decode by context", box=box.SIMPLE_HEAD, show_edge=False)
+    for col in ("context", "KV on GPU", "KV in host RAM", "decode tok/s"):
+        t.add_column(col, justify="right")
+    gpu = bool(p.hardware.gpus)
+    for context, tok_s in p.prediction.decode_curve.items():
+        near, far = tiers(p, context) if gpu else (0, context)
+        t.add_row(f"{context:,}", f"{near:,}", f"{far:,}", f"{tok_s:g}")
+    return t
+
+
+def _curve_line(p: Profile) -> str:
+    return ", ".join(f"{c // 1024}K {v:g}" for c, v in p.prediction.decode_curve.items())
+
+
 def _threads(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
@@ -96,6 +115,7 @@ def _ms(v: float | None) -> str:
 def notes(p: Profile, spec: ModelSpec) -> list[str]:
     kv, pre = p.kv_cache, p.prefill
     kv_bytes = kv.max_tokens * spec.kv_bytes_per_token(kv.dtype)
+    tiers_note = f"; {kv.host_tokens:,} in host RAM" if kv.host_tokens else ""
     stream = (f"prompts of {pre.stream_threshold_tokens:,}+ tokens stream CPU experts to the GPU layer by layer"
               if pre.stream_threshold_tokens else "prefill keeps routed experts on the CPU (no streaming)")
     return [
@@ -103,7 +123,7 @@ def notes(p: Profile, spec: ModelSpec) -> list[str]:
         f"({p.model.quant}; the download is {spec.checkpoint_bytes / 1e9:,.1f} GB)",
         f"machine: {p.hardware.summary()}",
         f"KV cache: {kv.context_length:,} tokens x {kv.concurrency} sequence(s) = {kv.max_tokens:,} tokens "
-        f"({kv.max_pages:,} pages of {kv.page_size}), {_size(kv_bytes)} {kv.dtype}",
+        f"({kv.max_pages:,} pages of {kv.page_size}), {_size(kv_bytes)} {kv.dtype}{tiers_note}",
         f"CPU experts: {p.cpu.backend} / {p.cpu.method}, {_threads(p.cpu.threads)} in {p.cpu.threadpools} pool(s); "
         f"{stream}",
     ]
@@ -116,6 +136,8 @@ def render(p: Profile, spec: ModelSpec, console: Console) -> None:
     if p.prediction:
         console.print(speed_line(p), highlight=False)
         console.print(speed_table(p))
+        if p.prediction.decode_curve:
+            console.print(curve_table(p))
 
 
 def header(p: Profile, spec: ModelSpec, title: str = "") -> str:
@@ -129,5 +151,7 @@ def header(p: Profile, spec: ModelSpec, title: str = "") -> str:
     if p.prediction:
         pr = p.prediction
         lines.append(f"predicted: decode {pr.decode_tok_s:g} tok/s, prefill {pr.prefill_tok_s:g} tok/s")
+        if pr.decode_curve:
+            lines.append(f"predicted decode tok/s by context: {_curve_line(p)}")
     lines.append("Written by `hybrid plan`; check edits with `hybrid profile validate FILE [--model DIR]`.")
     return "\n".join(lines)

@@ -50,12 +50,14 @@ SHIPPED = [
     Shipped("kimi-k2.7-code_1x4090_1tb.yaml", "kimi-k2.7-code", describe([RTX_4090], "1TB", **XEON_6454S),
             "Kimi K2.7 Code on one RTX 4090 and a 2-socket AMX Xeon with 1 TB DDR5.\n"
             "The bf16 attention, shared experts, dense layer and lm_head take most of the 24 GB, so no routed\n"
-            "expert fits on the GPU and the KV cache gets the rest: the context is what fits, not 128K.\n"
+            "expert fits on the GPU and the KV cache's GPU tier gets the rest; the older part of the full\n"
+            "256K context lives in host RAM, where the CPU attends to it (decode by context in the curve below).\n"
             "Every routed expert runs on the CPU from the checkpoint's own INT4 (kt-kernel RAWINT4)."),
     Shipped("kimi-k2.7-code_1xh100_768gb.yaml", "kimi-k2.7-code", describe([H100_PCIE], "768GB", **XEON_6454S),
             "Kimi K2.7 Code on one H100 80 GB (PCIe) and a 2-socket AMX Xeon with 768 GB.\n"
-            "After a 128K-token KV cache the H100 keeps about a tenth of the routed experts; long prompts\n"
-            "stream the rest over PCIe gen5 instead of running them on the CPU."),
+            "After a 128K-token KV GPU tier (the rest of the 256K context in host RAM) the H100 keeps about\n"
+            "a tenth of the routed experts; long prompts stream the rest over PCIe gen5 instead of running\n"
+            "them on the CPU."),
     Shipped("kimi-k2.7-code_2x4090_768gb.yaml", "kimi-k2.7-code", describe([RTX_4090] * 2, "768GB", **XEON_6454S),
             "Kimi K2.7 Code on two RTX 4090 and a 2-socket AMX Xeon with 768 GB.\n"
             "Each 4090 holds half of the layers with their KV cache; what is left holds a few hundred experts."),

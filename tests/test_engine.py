@@ -93,9 +93,9 @@ def test_page_manager_shares_prefix_pages_and_evicts_the_deepest_first():
     first_pages = a.pages[:2]
     assert pm.num_used == 3 and len(pm.cached) == 2
     pm.release(a)
-    assert pm.num_used == 0 and len(pm.evictable) == 2 and pm.num_free == 4
+    assert pm.num_used == 0 and pm.num_cached == 2 and pm.num_free == 4
     b = run([1, 2, 3, 4, 9])
-    assert b.pages[:2] == first_pages and len(pm.evictable) == 0
+    assert b.pages[:2] == first_pages and pm.num_cached == 0
     pm.release(b)
     run([7, 7, 8, 8, 6])  # three pages: the two empty ones, then the cached [3 4] is evicted, not [1 2]
     assert [page for _, page in pm.prefix_hits(Sequence("q", [1, 2, 3, 4, 5], GREEDY, 1))] == first_pages[:1]

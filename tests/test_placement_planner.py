@@ -59,18 +59,25 @@ def test_detect_reads_this_machine_and_resolve_replaces_parts():
     assert resolve(no_gpu=True).gpus == []
 
 
-def test_one_4090_holds_the_dense_part_and_a_context_that_fits():
+def test_one_4090_holds_the_dense_part_and_the_full_context_over_two_tiers():
     p = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
     assert p.device_of("attention", 0) == p.device_of("shared", 60) == p.device_of("lm_head") == "cuda:0"
     assert p.device_of("embed") == "cpu"
-    assert gpu_experts(p) == 0 and 16384 < p.kv_cache.context_length < 131072
+    kv = p.kv_cache
+    assert gpu_experts(p) == 0 and kv.context_length == kv.max_tokens == 262144
+    assert 16384 < kv.device_tokens < 131072 and kv.host_tokens == 262144 - kv.device_tokens
+    use = usage(p, KIMI)
+    assert use["cpu"].kv == kv.host_tokens * KIMI.kv_bytes_per_token() and use["cuda:0"].total <= use["cuda:0"].budget
+    curve = p.prediction.decode_curve
+    assert list(curve) == [8192, 32768, 131072, 262144]
+    assert curve[8192] >= curve[32768] > curve[131072] > curve[262144] > 0  # the host tier's reads and FLOPs
     assert (p.cpu.backend, p.cpu.method, p.cpu.threads, p.cpu.threadpools) == ("kt", "int4_kgroup", 64, 2)
     assert p.problems() == []
 
 
 def test_h100_keeps_experts_and_streams_long_prompts():
     p = plan(KIMI, describe(["H100 PCIe=79.65GB"], "768GB", **XEON))
-    assert p.kv_cache.context_length == 131072
+    assert p.kv_cache.context_length == 262144 and p.kv_cache.device_tokens == 131072
     counts = {len(p.gpu_experts_of(layer)) for layer in range(1, 61)}
     assert max(counts) - min(counts) <= 1 and 1500 < gpu_experts(p) < 3000
     assert 100 < p.prefill.stream_threshold_tokens < 8192
@@ -110,11 +117,17 @@ def test_impossible_machines_are_refused_with_the_shortfall(hw, pattern):
         plan(KIMI, hw)
 
 
-def test_a_context_that_does_not_fit_is_refused_with_the_largest_that_does():
-    with pytest.raises(PlanError, match=r"short by .* GiB\. Ask for --context \d+ or less"):
-        plan(KIMI, describe(["4090"], "1TB", **XEON), Request(context=131072))
+def test_a_context_beyond_the_gpu_goes_to_host_ram_as_far_as_it_holds():
     p = plan(KIMI, describe(["4090"], "1TB", **XEON), Request(context=16384, concurrency=2))
-    assert (p.kv_cache.max_tokens, p.kv_cache.concurrency) == (32768, 2)
+    assert (p.kv_cache.max_tokens, p.kv_cache.concurrency, p.kv_cache.host_tokens) == (32768, 2, 0)
+    # 620 GB holds the experts and a little more: the served context shrinks to what the host tier holds
+    small = plan(KIMI, describe(["4090"], "620GB", **XEON))
+    kv = small.kv_cache
+    assert kv.device_tokens < kv.context_length < 262144 and kv.host_tokens > 0
+    u = usage(small, KIMI)["cpu"]
+    assert u.total <= u.budget < u.total + 16 * KIMI.kv_bytes_per_token()
+    with pytest.raises(PlanError, match=r"host RAM .* KV [\d.]+ GiB.* short by"):
+        plan(KIMI, describe(["4090"], "620GB", **XEON), Request(context=262144))
 
 
 def test_stats_put_the_most_used_experts_on_the_gpu(tmp_path):

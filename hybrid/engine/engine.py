@@ -30,8 +30,9 @@ class Engine:
         self.config = config = config or model.settings.engine
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
-        self.pages = PageManager(config.num_pages(cfg, model.dtype.itemsize), config.page_size)
-        self.runner = ModelRunner(model, self.pages)
+        num_pages = config.num_pages(cfg, model.dtype.itemsize)
+        self.pages = PageManager(num_pages, config.page_size, config.device_pages(num_pages))
+        self.runner = ModelRunner(model, self.pages, config.kv_dtype)
         self.scheduler = Scheduler(self.pages, config.max_batch_tokens, config.max_running)
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                                  self.pages.num_pages * self.pages.page_size)

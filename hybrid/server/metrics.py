@@ -47,7 +47,7 @@ class EngineState:
         engine, pages = self.engine, self.engine.pages
         for name, doc, value in (
                 ("kv_pages_used", "KV cache pages held by requests.", pages.num_used),
-                ("kv_pages_cached", "KV cache pages kept only for the prefix cache.", len(pages.evictable)),
+                ("kv_pages_cached", "KV cache pages kept only for the prefix cache.", pages.num_cached),
                 ("prefix_cache_pages", "KV cache pages the prefix cache can hand out, held or not.", len(pages.cached)),
                 ("kv_pages_total", "KV cache pages.", pages.num_pages),
                 ("requests_running", "Requests holding KV pages.", len(engine.scheduler.running)),

@@ -141,7 +141,10 @@ def summary(engine: Engine, model_name: str) -> list[str]:
         *(f"CPU experts: {k}" for k in kernels),
         f"CPU dense projections: {model.dense_kernel}",
         f"context: {engine.max_model_len:,} tokens per request; KV cache {pages.num_pages * pages.page_size:,} "
-        f"tokens ({pages.num_pages:,} pages of {pages.page_size}), up to {engine.config.max_running} requests "
+        f"tokens ({pages.num_pages:,} pages of {pages.page_size}, {engine.config.kv_dtype}"
+        + (f", {(pages.num_pages - pages.device_pages) * pages.page_size:,} tokens in host RAM"
+           if pages.device_pages < pages.num_pages else "")
+        + f"), up to {engine.config.max_running} requests "
         f"at once, {engine.config.max_batch_tokens:,} tokens per step",
         "thinking: on by default for /v1/chat/completions (Moonshot's default for Kimi; send \"thinking\": "
         "{\"type\": \"disabled\"} to turn it off), off for /v1/messages unless the request sends \"thinking\" "

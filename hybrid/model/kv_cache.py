@@ -1,0 +1,123 @@
+"""The latent KV cache, in two tiers, stored as bf16 or FP8.
+
+Per layer and slot MLA needs only the normalised latent and the rotated rope key (kv_lora_rank +
+qk_rope_head_dim values). Slots below `device_slots` live on the device of the layer's attention;
+the others (the host tier) in host RAM, pinned where CUDA is, so a long sequence's older pages cost
+no GPU memory: decode attends to each tier where it lives and merges the parts (attention.py).
+Without a GPU both tiers are host memory, and the same split runs.
+
+FP8 stores each value as float8 e4m3 with one fp32 scale per slot for the latent and one for the
+rope key (their ranges differ), and dequantizes to the compute dtype as attention reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+DTYPES = ("bf16", "fp8")  # what `kv_cache.dtype` may name
+
+
+class Tier:
+    """One layer's slots [start, start + size) in one memory."""
+
+    def __init__(self, start: int, size: int, width: int, split: int, device: torch.device,
+                 dtype: torch.dtype, fp8: bool):
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        self.start, self.split, self.dtype = start, split, dtype
+        self.data = torch.zeros(size, width, dtype=FP8 if fp8 else dtype, device=device, pin_memory=pin)
+        self.scale = torch.ones(size, 2, dtype=torch.float32, device=device, pin_memory=pin) if fp8 else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def write(self, rows: torch.Tensor, kv: torch.Tensor) -> None:
+        rows, kv = rows.to(self.device), kv.to(self.device)
+        if self.scale is None:
+            self.data[rows] = kv.to(self.dtype)
+            return
+        parts = kv.float().split([self.split, kv.shape[-1] - self.split], dim=-1)
+        scale = torch.stack([p.abs().amax(-1) for p in parts], -1).clamp(min=1e-12) / FP8_MAX
+        self.scale[rows] = scale
+        self.data[rows] = torch.cat([p / s[:, None] for p, s in zip(parts, scale.unbind(-1))], -1).to(FP8)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """[..., width] in the compute dtype, on this tier's device."""
+        rows = rows.to(self.device)
+        kv = self.data[rows]
+        if self.scale is None:
+            return kv
+        scale = self.scale[rows]
+        return torch.cat([kv[..., : self.split].float() * scale[..., :1],
+                          kv[..., self.split:].float() * scale[..., 1:]], -1).to(self.dtype)
+
+
+class KVCache:
+    """Slots [0, device_slots) on each layer's attention device, [device_slots, num_slots) in host RAM."""
+
+    def __init__(self, num_layers: int, num_slots: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, devices: list[torch.device] | None = None,
+                 device_slots: int | None = None, kv_dtype: str = "bf16"):
+        if kv_dtype not in DTYPES:
+            raise ValueError(f"KV cache dtype {kv_dtype!r}: use one of {', '.join(DTYPES)}")
+        self.kv_lora_rank, self.num_slots = kv_lora_rank, num_slots
+        self.device_slots = num_slots if device_slots is None else min(device_slots, num_slots)
+        devices = devices or [torch.device("cpu")] * num_layers
+        width, fp8, host = kv_lora_rank + rope_dim, kv_dtype == "fp8", num_slots - self.device_slots
+        self.tiers = [[Tier(0, self.device_slots, width, kv_lora_rank, torch.device(d), dtype, fp8),
+                       Tier(self.device_slots, host, width, kv_lora_rank, torch.device("cpu"), dtype, fp8)]
+                      for d in devices]
+
+    def nbytes(self, device: torch.device | str) -> int:
+        """Memory the cache holds on `device` (values and scales, both tiers)."""
+        return sum(t.data.nbytes + (0 if t.scale is None else t.scale.nbytes)
+                   for layers in self.tiers for t in layers if t.device == torch.device(device))
+
+    @property
+    def host_from(self) -> int | None:
+        """The first host-tier slot; None when every slot is on the attention devices."""
+        return self.device_slots if self.device_slots < self.num_slots else None
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        kv = torch.cat([latent, k_rope], dim=-1)
+        for tier in self.tiers[layer]:
+            inside = (slots >= tier.start) & (slots < tier.start + tier.data.shape[0])
+            if bool(inside.any()):
+                tier.write(slots[inside] - tier.start, kv[inside.to(kv.device)])
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and rope keys of `slots` [C], from whichever tier holds each, on the attention device."""
+        device, host = self.tiers[layer]
+        if self.host_from is None or bool((slots < self.device_slots).all()):
+            return self._split(device.read(slots))
+        on_host = slots >= self.device_slots
+        kv = torch.empty(slots.shape[0], device.data.shape[1], dtype=device.dtype, device=device.device)
+        kv[~on_host.to(device.device)] = device.read(slots[~on_host])
+        kv[on_host.to(device.device)] = host.read(slots[on_host] - self.device_slots).to(device.device)
+        return self._split(kv)
+
+    def tier_device(self, layer: int, tier: int) -> torch.device:
+        return self.tiers[layer][tier].device
+
+    def read_tier(self, layer: int, tier: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and rope keys of `slots` (any shape), all in tier `tier` (0 device, 1 host), where they live."""
+        t = self.tiers[layer][tier]
+        return self._split(t.read(slots - t.start))
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slots src to slots dst in every layer, as stored (a page moving between tiers: each
+        of src and dst lies in one tier)."""
+        for layers in self.tiers:
+            (a, rows_a), (b, rows_b) = self._locate(layers, src), self._locate(layers, dst)
+            b.data[rows_b.to(b.device)] = a.data[rows_a.to(a.device)].to(b.device)
+            if a.scale is not None:
+                b.scale[rows_b.to(b.device)] = a.scale[rows_a.to(a.device)].to(b.device)
+
+    def _locate(self, layers: list[Tier], slots: torch.Tensor) -> tuple[Tier, torch.Tensor]:
+        t = layers[int(slots[0]) >= self.device_slots]
+        return t, slots - t.start
+
+    def _split(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
