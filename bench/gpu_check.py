@@ -41,7 +41,7 @@ def pcie_bandwidth() -> float:
 def correctness(tiny: Path) -> list[tuple[str, float]]:
     """bf16 logits of the GPU placements against the same placement on the CPU."""
     from hybrid.api import load_model
-    from hybrid.scheduler.placement import Placement
+    from hybrid.offload.placement import Placement
 
     ids = torch.randint(0, 1280, (64,), generator=torch.Generator().manual_seed(0))
     cpu = load_model(tiny, Placement.on("cpu")).logits(ids)
@@ -60,7 +60,7 @@ def split_kv(tiny: Path) -> float:
     logit difference over every step."""
     from hybrid.api import load_model
     from hybrid.engine import Engine, EngineConfig, SamplingParams
-    from hybrid.scheduler.placement import Placement
+    from hybrid.offload.placement import Placement
 
     model = load_model(tiny, Placement.on("cuda:0"), dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -90,8 +90,8 @@ def time_layer(ex, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, rep
 def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
     """T = 1 decode of one Kimi layer with 0/10/50% of experts hot: ms beside its floor."""
     from hybrid.experts import ExpertOptions, make_backend
-    from hybrid.scheduler.device_experts import DeviceExperts
-    from hybrid.scheduler.hybrid_experts import HybridExperts
+    from hybrid.offload.device_experts import DeviceExperts
+    from hybrid.offload.hybrid_experts import HybridExperts
 
     rows = []
     per_expert = weights.nbytes() / weights.num_experts
@@ -117,8 +117,8 @@ def kimi_prefill(weights, host_gbps: float, pcie_gbps: float, cpu_tflops: float,
                  sizes: tuple[int, ...]) -> list[dict]:
     """Prefill of one Kimi layer: CPU experts vs streaming them to the GPU."""
     from hybrid.experts import ExpertOptions, make_backend
-    from hybrid.scheduler.hybrid_experts import HybridExperts
-    from hybrid.scheduler.prefill_stream import ExpertStreamer
+    from hybrid.offload.hybrid_experts import HybridExperts
+    from hybrid.offload.prefill_stream import ExpertStreamer
 
     streamer = ExpertStreamer("cuda:0")
     streamer.add(1, weights)

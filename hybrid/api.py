@@ -12,8 +12,8 @@ from hybrid.model.checkpoint import Checkpoint
 from hybrid.model.decoder import DeepseekV3
 from hybrid.model.kv_cache import KVCache
 from hybrid.model.loader import build_model
-from hybrid.scheduler.placement import ExpertBuilder, Placement
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.offload.placement import ExpertBuilder, Placement
+from hybrid.offload.stats import ActivationStats
 from hybrid.settings import Settings, settings
 from placement.model_config import ModelConfig
 

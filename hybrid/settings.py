@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybrid.experts import ExpertOptions
-from hybrid.scheduler.placement import Placement
+from hybrid.offload.placement import Placement
 from placement.memory import MIB
 from placement.model_config import ModelConfig
 from placement.model_spec import Arch

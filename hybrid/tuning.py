@@ -71,7 +71,7 @@ def record(folder: Path, profile, prompts: list[str], out: Path, max_tokens: int
     """Run `prompts` (chat user turns) through the model and add their per-layer expert
     activation counts to the stats file `out` (created if missing; written atomically)."""
     from placement.model_config import ModelConfig
-    from hybrid.scheduler.stats import ActivationStats
+    from hybrid.offload.stats import ActivationStats
     from hybrid.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(folder)

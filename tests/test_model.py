@@ -7,7 +7,7 @@ from hybrid.api import load_model as _load_model
 from hybrid.experts import ExpertOptions
 from hybrid.model.batch import ForwardBatch
 from hybrid.model.synthetic import write_checkpoint
-from hybrid.scheduler.placement import Placement
+from hybrid.offload.placement import Placement
 from reference import load_reference
 from conftest import VARIANTS
 

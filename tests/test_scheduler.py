@@ -8,8 +8,8 @@ import torch
 
 from hybrid.api import load_model
 from hybrid.experts import ExpertOptions
-from hybrid.scheduler.placement import Placement
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.offload.placement import Placement
+from hybrid.offload.stats import ActivationStats
 
 TORCH = ExpertOptions(backend="torch")
 
@@ -53,7 +53,7 @@ def test_deferral_moves_the_lowest_weight_expert_to_the_next_layer(tiny_dir):
     output, so A + B is unchanged while A alone lost its lowest-weight expert."""
     from hybrid.experts.torch_backend import TorchExperts
     from hybrid.model.checkpoint import Checkpoint
-    from hybrid.scheduler.hybrid_experts import Deferred, HybridExperts
+    from hybrid.offload.hybrid_experts import Deferred, HybridExperts
 
     ckpt = Checkpoint(tiny_dir)
     weights = ckpt.experts(1, torch.float32)

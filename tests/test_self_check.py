@@ -9,7 +9,7 @@ import torch
 import hybrid.experts as experts
 from hybrid.api import load_model
 from hybrid.experts import ExpertOptions, TorchExperts, cpu, default_kernel, make_backend, self_check
-from hybrid.scheduler.placement import Placement
+from hybrid.offload.placement import Placement
 from test_experts import int4_weights, reference, rel_err, routes
 from test_model import prompt, rel
 

@@ -14,10 +14,10 @@ import torch
 
 from hybrid.experts import ExpertOptions, make_backend
 from hybrid.experts.weights import ExpertWeights
-from hybrid.scheduler.device_experts import DeviceExperts
-from hybrid.scheduler.hybrid_experts import Deferred, HybridExperts
-from hybrid.scheduler.prefill_stream import ExpertStreamer
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.offload.device_experts import DeviceExperts
+from hybrid.offload.hybrid_experts import Deferred, HybridExperts
+from hybrid.offload.prefill_stream import ExpertStreamer
+from hybrid.offload.stats import ActivationStats
 from placement.memory import STREAM_GROUP
 from placement.model_config import ModelConfig
 
