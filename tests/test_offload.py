@@ -1,4 +1,4 @@
-"""The prefetch scheduler on the CPU (the GPU's role played by the CPU): its overlapped, split,
+"""Expert offload on the CPU (the GPU's role played by the CPU): its overlapped, split,
 deferred and streamed paths against the plain path, on the tiny preset."""
 
 import json
