@@ -41,15 +41,15 @@ def pcie_bandwidth() -> float:
 def correctness(tiny: Path) -> list[tuple[str, float]]:
     """bf16 logits of the GPU placements against the same placement on the CPU."""
     from hybrid.api import load_model
-    from hybrid.offload.placement import Placement
+    from hybrid.offload.layout import Layout
 
     ids = torch.randint(0, 1280, (64,), generator=torch.Generator().manual_seed(0))
-    cpu = load_model(tiny, Placement.on("cpu")).logits(ids)
+    cpu = load_model(tiny, Layout.on("cpu")).logits(ids)
     cases = {"all dense on GPU": {}, "50% experts hot": {"hot_experts": {1: list(range(8)), 2: list(range(8))}},
              "streamed prefill": {"stream_threshold": 16}}
     out = []
     for name, kw in cases.items():
-        gpu = load_model(tiny, Placement.on("cuda:0", **kw)).logits(ids)
+        gpu = load_model(tiny, Layout.on("cuda:0", **kw)).logits(ids)
         out.append((name, rel(gpu, cpu)))
     return out
 
@@ -60,9 +60,9 @@ def split_kv(tiny: Path) -> float:
     logit difference over every step."""
     from hybrid.api import load_model
     from hybrid.engine import Engine, EngineConfig, SamplingParams
-    from hybrid.offload.placement import Placement
+    from hybrid.offload.layout import Layout
 
-    model = load_model(tiny, Placement.on("cuda:0"), dtype=torch.float32)
+    model = load_model(tiny, Layout.on("cuda:0"), dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1280, (n,), generator=g).tolist() for n in (70, 150)]
     runs = []

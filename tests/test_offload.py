@@ -8,7 +8,7 @@ import torch
 
 from hybrid.api import load_model
 from hybrid.experts import ExpertOptions
-from hybrid.offload.placement import Placement
+from hybrid.offload.layout import Layout
 from hybrid.offload.stats import ActivationStats
 
 TORCH = ExpertOptions(backend="torch")
@@ -25,7 +25,7 @@ def ids():
 
 @pytest.fixture(scope="module")
 def plain(tiny_dir, ids):
-    model = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32)
+    model = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
     tokens, logits = model.generate(ids, 24, return_logits=True)
     return model, tokens, logits
 
@@ -39,8 +39,8 @@ def hot(cfg, share: float) -> dict[int, list[int]]:
 @pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
 def test_hot_experts_give_the_plain_tokens_and_logits(tiny_dir, ids, plain, share):
     model, tokens, logits = plain
-    placement = Placement.on("cpu", experts=TORCH, hot_experts=hot(model.config, share))
-    split = load_model(tiny_dir, placement, dtype=torch.float32)
+    layout = Layout.on("cpu", experts=TORCH, hot_experts=hot(model.config, share))
+    split = load_model(tiny_dir, layout, dtype=torch.float32)
     moe = split.model.model.layers[-1].mlp.experts
     assert (moe.hot is not None) == (share > 0)
     got, got_logits = split.generate(ids, 24, return_logits=True)
@@ -84,7 +84,7 @@ def test_deferral_stays_within_tolerance(tiny_dir, ids, plain):
     are where quality must be judged."""
     model, _, _ = plain
     exact = model.logits(ids)
-    deferred = load_model(tiny_dir, Placement.on("cpu", experts=TORCH, defer=1), dtype=torch.float32)
+    deferred = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, defer=1), dtype=torch.float32)
     assert deferred.model.model.layers[1].mlp.experts.defer == 1
     assert deferred.model.model.layers[-1].mlp.experts.defer == 0  # nothing after it to absorb the rest
     err = rel(deferred.logits(ids), exact)
@@ -93,7 +93,7 @@ def test_deferral_stays_within_tolerance(tiny_dir, ids, plain):
 
 def test_streamed_prefill_equals_cpu_prefill(tiny_dir, ids, plain):
     model, tokens, logits = plain
-    streamed = load_model(tiny_dir, Placement.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
+    streamed = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
     moe = streamed.model.model.layers[1].mlp.experts
     assert moe.streaming(48) and not moe.streaming(1)
     assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
@@ -106,9 +106,9 @@ def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
     the same logits, and the staging slots hold exactly the two experts the buffer was given."""
     model, _, _ = plain
     per_expert = model.moe_experts()[0].cpu.weights.nbytes() // model.config.n_routed_experts
-    placement = Placement.on("cpu", experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
+    layout = Layout.on("cpu", experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
                              stream_buffer={"cpu": 2 * per_expert + per_expert // 2})
-    streamed = load_model(tiny_dir, placement, dtype=torch.float32)
+    streamed = load_model(tiny_dir, layout, dtype=torch.float32)
     streamer = streamed.moe_experts()[0].streamer
     assert streamer.nbytes() == 0  # nothing staged before a prompt streams
     assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
@@ -119,7 +119,7 @@ def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
 
 def test_stats_count_every_routed_slot(tiny_dir, ids, tmp_path):
     stats = ActivationStats(16)
-    model = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)
+    model = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)
     model.logits(ids)
     data = stats.to_json()["layers"]
     k = model.config.num_experts_per_tok
@@ -137,9 +137,9 @@ def test_kt_backend_end_to_end_agrees_with_torch(tiny_dir):
     if cpu.kt().reason is not None:
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
     ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
-    kt = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="kt")))
+    kt = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="kt")))
     assert kt.model.model.layers[1].mlp.experts.cpu.name == "kt"
-    ref = load_model(tiny_dir, Placement.on("cpu", experts=TORCH)).logits(ids)
+    ref = load_model(tiny_dir, Layout.on("cpu", experts=TORCH)).logits(ids)
     got = kt.logits(ids)
     assert rel(got, ref) <= 5e-2
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95

@@ -9,7 +9,7 @@ import torch
 import hybrid.experts as experts
 from hybrid.api import load_model
 from hybrid.experts import ExpertOptions, TorchExperts, cpu, default_kernel, make_backend, self_check
-from hybrid.offload.placement import Placement
+from hybrid.offload.layout import Layout
 from test_experts import int4_weights, reference, rel_err, routes
 from test_model import prompt, rel
 
@@ -62,7 +62,7 @@ def test_a_wrong_kernel_is_refused_once_with_its_name_cpu_and_error(planted, cap
 
 def test_the_model_answers_correctly_through_the_next_backend(planted, tiny_dir):
     ids = prompt(1280, 64)
-    exact = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="torch")),
+    exact = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="torch")),
                        dtype=torch.float32).logits(ids)
     model = load_model(tiny_dir)  # default path: bf16, auto backend
     assert all(not isinstance(layer.mlp.experts.cpu, Scrambled) for layer in model.model.model.layers

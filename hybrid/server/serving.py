@@ -126,7 +126,7 @@ class Serving:
 def summary(engine: Engine, model_name: str) -> list[str]:
     """What is served and how, in a few lines."""
     model, pages = engine.model, engine.pages
-    cfg, p = model.config, model.placement
+    cfg, p = model.config, model.layout
     quant = {"compressed-tensors": "int4", "fp8": "fp8"}.get(cfg.quant.method, "?") if cfg.quant else "bf16"
     devices = sorted({p.embed, p.lm_head, *p.layers.values()})
     hot = sum(len(ids) for ids in p.hot_experts.values())
