@@ -89,7 +89,8 @@ def time_layer(ex, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, rep
 
 def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
     """T = 1 decode of one Kimi layer with 0/10/50% of experts hot: ms beside its floor."""
-    from hybrid.experts import ExpertOptions, make_backend
+    from hybrid.experts.choice import make_backend
+    from hybrid.experts.options import ExpertOptions
     from hybrid.offload.device_experts import DeviceExperts
     from hybrid.offload.hybrid_experts import HybridExperts
 
@@ -116,7 +117,8 @@ def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
 def kimi_prefill(weights, host_gbps: float, pcie_gbps: float, cpu_tflops: float, threads: int,
                  sizes: tuple[int, ...]) -> list[dict]:
     """Prefill of one Kimi layer: CPU experts vs streaming them to the GPU."""
-    from hybrid.experts import ExpertOptions, make_backend
+    from hybrid.experts.choice import make_backend
+    from hybrid.experts.options import ExpertOptions
     from hybrid.offload.hybrid_experts import HybridExperts
     from hybrid.offload.prefill_stream import ExpertStreamer
 

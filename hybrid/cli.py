@@ -343,7 +343,7 @@ def doctor():
     from rich.console import Console
     from rich.table import Table
 
-    from hybrid.experts import default_kernel
+    from hybrid.experts.choice import default_kernel
     from hybrid.experts.cpu import report
 
     table = Table(title="CPU experts on this machine", show_header=False)

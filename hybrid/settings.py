@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid.experts import ExpertOptions
+from hybrid.experts.options import ExpertOptions
 from hybrid.offload.layout import Layout
 from placement.memory import MIB
 from placement.model_config import ModelConfig

@@ -14,7 +14,7 @@ from hybrid.measure import measure
 def with_proven_backend(hw):
     """`hw`, this machine's CPU, with the expert backend that proves itself here (the default
     path's choice, which `hybrid doctor` shows), so a plan for this machine runs as planned."""
-    from hybrid.experts import default_kernel
+    from hybrid.experts.choice import default_kernel
 
     hw.cpu.expert_backend = default_kernel()[0].name
     return hw

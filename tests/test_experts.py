@@ -18,7 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.experts import ExpertOptions, PackedInt4Experts, TorchExperts, cpu, make_backend
+from hybrid.experts import cpu
+from hybrid.experts.choice import make_backend
+from hybrid.experts.options import ExpertOptions
+from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
 from hybrid.quant import pack_int4
 from placement.cpu_probe import has
@@ -289,7 +292,7 @@ CHECK_PACKED = """
     import sys; sys.path.insert(0, "tests")
     import torch
     from test_experts import int4_weights, reference, routes, rel_err
-    from hybrid.experts import PackedInt4Experts
+    from hybrid.experts.torch_backend import PackedInt4Experts
     weights, dense = int4_weights()
     backend = PackedInt4Experts(weights)
     print("CAPABILITY", torch.backends.cpu.get_cpu_capability())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybrid.api import load_model as _load_model
-from hybrid.experts import ExpertOptions
+from hybrid.experts.options import ExpertOptions
 from hybrid.model.batch import ForwardBatch
 from hybrid.model.synthetic import write_checkpoint
 from hybrid.offload.layout import Layout

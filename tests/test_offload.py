@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybrid.api import load_model
-from hybrid.experts import ExpertOptions
+from hybrid.experts.options import ExpertOptions
 from hybrid.offload.layout import Layout
 from hybrid.offload.stats import ActivationStats
 

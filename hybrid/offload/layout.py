@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid.experts import ExpertOptions, make_backend
+from hybrid.experts.choice import make_backend
+from hybrid.experts.options import ExpertOptions
 from hybrid.experts.weights import ExpertWeights
 from hybrid.offload.device_experts import DeviceExperts
 from hybrid.offload.hybrid_experts import Deferred, HybridExperts
