@@ -78,7 +78,7 @@ def fastest_block(call, blocks: int, seconds: float, patience: float = 15.0) -> 
 def backend(method: str, threads: int, weights: ExpertWeights):
     if method == "torch":
         return PackedInt4Experts(weights)
-    from hybrid.experts.kt_backend import KTExperts
+    from hybrid.experts.kt.backend import KTExperts
 
     return KTExperts(weights, 0, method, threads, Path.home() / ".cache/hybrid/kt-bench")
 

@@ -85,7 +85,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def kt(weights: ExpertWeights, **kw):
-    from hybrid.experts.kt_backend import KTExperts
+    from hybrid.experts.kt.backend import KTExperts
 
     return KTExperts(weights, 1, max_len=CHUNK, **kw)
 
@@ -103,11 +103,11 @@ def only_kernel(monkeypatch, method: str, name: str) -> None:
     """Make kt-kernel's `name` the one kernel for `method` (skip where this build lacks it)."""
     from kt_kernel import kt_kernel_ext
 
-    from hybrid.experts import kt_backend
+    from hybrid.experts.kt import kernels
 
     if not hasattr(kt_kernel_ext.moe, name):
         pytest.skip(f"kt-kernel's {cpu.kt().variant} build has no {name}")
-    monkeypatch.setitem(kt_backend.CLASSES, method, (name,))
+    monkeypatch.setitem(kernels.CLASSES, method, (name,))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_quantized_cache_is_written_reused_and_rebuilt(float16, tmp_path, monkey
 @pytest.mark.parametrize("make", [int4_weights, float_weights])
 def test_row_slices_add_up_to_the_layer(make):
     """The split kt-kernel and the caller's core share: rows [0, r) plus rows [r, I) is the layer."""
-    from hybrid.experts.kt_backend import slice_rows
+    from hybrid.experts.kt.row_split import slice_rows
 
     weights, _ = make()
     x, ids, w = routes("positions", 7)
@@ -191,7 +191,7 @@ def test_row_slices_add_up_to_the_layer(make):
 
 @KT
 def test_split_and_thread_placement(int4):
-    from hybrid.experts.kt_backend import share_rows
+    from hybrid.experts.kt.row_split import share_rows
 
     share = share_rows(2048, 64, "AMXInt4_KGroup_MOE", 1)
     assert share % 64 == 0 and 0 < share < 2048
@@ -212,7 +212,7 @@ def test_split_and_thread_placement(int4):
 
 @KT
 def test_make_backend_picks_kt_and_refuses_what_it_cannot_run(int4, caplog):
-    from hybrid.experts.kt_backend import KTExperts
+    from hybrid.experts.kt.backend import KTExperts
 
     assert isinstance(make_backend(int4[0], 1), KTExperts)
     with pytest.raises(ValueError, match="int4_kgroup"):
@@ -349,10 +349,11 @@ def test_kt_threads_yield_to_torch_only_when_openmp_gives_the_cores_back(torch_f
         import os, hybrid, torch, sys
         sys.path.insert(0, "tests")
         from test_experts import int4_weights
-        from hybrid.experts.kt_backend import KTExperts, _threads
+        from hybrid.experts.kt.backend import KTExperts
+        from hybrid.experts.kt.pool import thread_names
         KTExperts(int4_weights()[0], 0)
         nice = [int(open(f"/proc/self/task/{{t}}/stat").read().rsplit(")", 1)[1].split()[16])
-                for t, name in _threads().items() if name.startswith("numa_")]
+                for t, name in thread_names().items() if name.startswith("numa_")]
         print("RESULT", hybrid.OPENMP_YIELDS, os.environ.get("GOMP_SPINCOUNT"), nice)
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

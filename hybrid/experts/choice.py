@@ -55,7 +55,8 @@ def _candidates(weights: ExpertWeights, layer: int, options: ExpertOptions, dtyp
     if options.backend == "kt" or (options.backend == "auto" and dtype == torch.bfloat16):
         reason = cpu.kt().reason
         if reason is None:
-            from hybrid.experts.kt_backend import KTExperts, Unsupported
+            from hybrid.experts.kt.backend import KTExperts
+            from hybrid.experts.kt.kernels import Unsupported
 
             try:
                 backend = KTExperts(weights, layer, options.method, options.threads, options.cache_dir, top_k)
