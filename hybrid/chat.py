@@ -22,9 +22,12 @@ UNPRINTABLE = {c: "\ufffd" for c in [*range(0x20), 0x7f] if chr(c) not in "\n\t"
 
 class Chat:
     def __init__(self, client: openai.OpenAI, model: str, console: Console, max_tokens: int = 1024,
-                 thinking: bool = True, read: Callable[[str], str] = input):
+                 thinking: bool = True, read: Callable[[str], str] = input, temperature: float | None = None,
+                 seed: int | None = None):
         self.client, self.model, self.console = client, model, console
         self.max_tokens, self.thinking, self.read = max_tokens, thinking, read
+        self.temperature, self.seed = temperature, seed  # sent only when given: the server's defaults otherwise
+        self.replies = 0
         self.system: str | None = None
         self.history: list[dict] = []
 
@@ -75,8 +78,12 @@ class Chat:
         self.history.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
         reasoning, content = [], []
+        sampling = {} if self.temperature is None else {"temperature": self.temperature}
+        if self.seed is not None:  # reproducible, yet each reply a draw of its own
+            sampling["seed"] = self.seed + self.replies
+        self.replies += 1
         stream = self.client.chat.completions.create(
-            model=self.model, messages=system + self.history, max_tokens=self.max_tokens, stream=True,
+            model=self.model, messages=system + self.history, max_tokens=self.max_tokens, stream=True, **sampling,
             extra_body={"thinking": {"type": "enabled" if self.thinking else "disabled"}})
         try:
             for chunk in stream:

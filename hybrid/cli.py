@@ -143,7 +143,7 @@ def synth(
 
 @app.command()
 def bench(
-    model: Path = typer.Option(None, help="Checkpoint folder (default: the tiny preset)."),
+    model: Path = typer.Option(None, help="Checkpoint folder (default: the embedded k2-stdlib model)."),
     profile: Path = typer.Option(None, help="Placement profile; without one, a plan for this machine."),
     prompt: int = typer.Option(512, min=1, help="Prompt tokens to prefill."),
     decode: int = typer.Option(32, min=1, help="Tokens to decode after it."),
@@ -157,7 +157,7 @@ def bench(
     from hybrid.tuning import compare, parts, plan_here
 
     console = Console()
-    folder = resolve_model(model, console.print)
+    folder = resolve_model(model)
     s = settings(folder, profile or plan_here(folder))
     with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
         loaded = load_model(folder, s)
@@ -192,11 +192,11 @@ def _model_and_settings(model: Path | None, profile: Path | None, console):
     from hybrid.default_model import resolve_model
     from hybrid.settings import settings
 
-    folder = resolve_model(model, console.print)
+    folder = resolve_model(model)
     return folder, settings(folder, profile)
 
 
-MODEL_HELP = "Checkpoint folder (default: the tiny preset, generated into ~/.cache/hybrid/models on first use)."
+MODEL_HELP = "Checkpoint folder (default: the embedded k2-stdlib model)."
 
 
 @app.command()
@@ -241,6 +241,8 @@ def chat(
     profile: Path = typer.Option(None, help="Placement profile (YAML), without --url."),
     max_tokens: int = typer.Option(1024, min=1, help="Longest reply, in tokens."),
     thinking: bool = typer.Option(True, help="Let the model think before answering."),
+    temperature: float = typer.Option(None, min=0, max=2, help="Sampling temperature (default: the server's)."),
+    seed: int = typer.Option(None, help="Sample reproducibly: the session's n-th reply with seed + n."),
 ):
     """Chat in the terminal: replies stream, thinking dimmed; /reset, /system TEXT, /exit."""
     import openai
@@ -254,7 +256,8 @@ def chat(
             raise UsageError("give either --url or --model/--profile, not both")
         base = url.rstrip("/").removesuffix("/v1") + "/v1"
         client = openai.OpenAI(base_url=base, api_key=api_key or "none", max_retries=0)
-        Chat(client, client.models.list().data[0].id, console, max_tokens, thinking).run()
+        Chat(client, client.models.list().data[0].id, console, max_tokens, thinking, temperature=temperature,
+             seed=seed).run()
         return
     import secrets
 
@@ -266,7 +269,7 @@ def chat(
     key = secrets.token_urlsafe(16)
     with ServerThread(create_app(serving, key)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
-        Chat(client, serving.model_name, console, max_tokens, thinking).run()
+        Chat(client, serving.model_name, console, max_tokens, thinking, temperature=temperature, seed=seed).run()
 
 
 class Emit(str, Enum):
@@ -387,7 +390,7 @@ def profile_validate(
 def profile_record(
     prompts: Path = typer.Argument(..., help="Text file, one prompt per line (real traffic: the more the better)."),
     out: Path = typer.Option(..., help="Stats file to write; counts are added to it if it exists."),
-    model: Path = typer.Option(None, help="Checkpoint folder (default: the tiny preset)."),
+    model: Path = typer.Option(None, help="Checkpoint folder (default: the embedded k2-stdlib model)."),
     profile: Path = typer.Option(None, help="Placement profile to run with."),
     max_tokens: int = typer.Option(32, min=1, help="Tokens to generate per prompt."),
 ):
@@ -399,7 +402,7 @@ def profile_record(
     from hybrid.tuning import record
 
     console = Console()
-    folder = resolve_model(model, console.print)
+    folder = resolve_model(model)
     lines = [line for line in prompts.read_text().splitlines() if line.strip()]
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("recording", total=len(lines))

@@ -17,7 +17,8 @@ ROOT = Path(__file__).parent.parent
 
 def test_every_script_imports_as_part_of_the_package():
     names = [m.name for m in pkgutil.iter_modules(bench.__path__)]
-    assert {"common", "cpu", "experts", "endurance", "gpu_check", "kv_fp8", "kv_tiers", "load", "serve"} <= set(names)
+    assert {"common", "cpu", "experts", "endurance", "gpu_check", "kv_fp8", "kv_tiers", "load", "quality", "serve",
+            "train_default"} <= set(names)
     before = list(sys.path)
     for name in names:
         importlib.import_module(f"bench.{name}")

@@ -11,14 +11,15 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from hybrid.model.checkpoint import tensor_shapes
-from hybrid.quant import quantize_fp8_block
-from hybrid.tokenizer.vocab import write_tokenizer
+from hybrid.quant import quantize_fp8_block, quantize_int4
+from hybrid.tokenizer.vocab import write_tokenizer, write_vocabulary
 from placement.atomic import atomic_dir
 from placement.model_config import ModelConfig
 
@@ -85,12 +86,15 @@ def kimi_config(preset: str = "tiny", quant: str = "int4", **overrides) -> dict:
 
 def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, quant: str = "int4",
                      nested: bool = False, shard_mb: int = 512, progress: Callable[[str], None] | None = None,
+                     weights: Mapping[str, torch.Tensor] | None = None, tokens: list[bytes] | None = None,
                      **overrides) -> Path:
     """Write a model folder at `path` (nothing is done if it exists). Returns `path`.
 
     quant: "int4" (routed experts compressed-tensors INT4, as K2-Thinking and later), "fp8"
     (every linear layer DeepSeek block FP8), "bf16". nested: K2.5-style `text_config` with
-    `language_model.` tensor prefix and a vision tensor to skip.
+    `language_model.` tensor prefix and a vision tensor to skip. weights: float tensors by
+    checkpoint name (a trained model) instead of random ones; tokens: its tokenizer's base
+    vocabulary in rank order (`vocab_size` must be their count + 256).
     """
     path = Path(path)
     if path.exists():
@@ -98,8 +102,11 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, quan
     text_cfg = kimi_config(preset, quant, **overrides)
     cfg = ModelConfig.from_dict(text_cfg)
     with atomic_dir(path) as tmp:
-        write_tokenizer(tmp, cfg.vocab_size - N_SPECIAL, seed)
-        _write_tensors(tmp, cfg, quant, seed, "language_model." if nested else "", shard_mb << 20, progress)
+        if tokens is None:
+            write_tokenizer(tmp, cfg.vocab_size - N_SPECIAL, seed)
+        elif write_vocabulary(tmp, tokens) != cfg.vocab_size:
+            raise ValueError(f"{len(tokens)} tokens + {N_SPECIAL} specials is not vocab_size {cfg.vocab_size}")
+        _write_tensors(tmp, cfg, quant, seed, "language_model." if nested else "", shard_mb << 20, progress, weights)
         top = text_cfg
         if nested:
             top = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
@@ -109,7 +116,7 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, quan
 
 
 def _write_tensors(folder: Path, cfg: ModelConfig, quant: str, seed: int, prefix: str, shard_bytes: int,
-                   progress) -> None:
+                   progress, weights: Mapping[str, torch.Tensor] | None) -> None:
     """Stream tensors into shards of about `shard_bytes`, each written as soon as it is full."""
     gen = torch.Generator().manual_seed(seed)
     files: list[list[str]] = []  # tensor names of each written shard
@@ -126,7 +133,8 @@ def _write_tensors(folder: Path, cfg: ModelConfig, quant: str, seed: int, prefix
     for i, (name, shape) in enumerate(shapes.items()):
         if progress and i % 500 == 0:
             progress(f"tensors {i}/{len(shapes)}")
-        for key, t in _stored(name, shape, cfg, quant, gen).items():
+        stored = _random(name, shape, cfg, quant, gen) if weights is None else _encoded(name, weights[name], cfg, quant)
+        for key, t in stored.items():
             shard[prefix + key] = t.contiguous()
             size += t.numel() * t.element_size()
             total += t.numel() * t.element_size()
@@ -145,25 +153,36 @@ def _write_tensors(folder: Path, cfg: ModelConfig, quant: str, seed: int, prefix
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _stored(name: str, shape: tuple[int, ...], cfg: ModelConfig, quant: str, gen) -> dict[str, torch.Tensor]:
+def _random(name: str, shape: tuple[int, ...], cfg: ModelConfig, quant: str, gen) -> dict[str, torch.Tensor]:
     """The tensors the checkpoint stores for one logical weight, random but well scaled."""
-    module = name.removesuffix(".weight")
     if name.endswith("e_score_correction_bias"):
-        return {name: 0.05 * torch.randn(shape, generator=gen)}
+        return _encoded(name, 0.05 * torch.randn(shape, generator=gen), cfg, quant)
     if "norm" in name:
-        return {name: (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)}
+        return _encoded(name, 1 + 0.1 * torch.randn(shape, generator=gen), cfg, quant)
     if "embed_tokens" in name:
-        return {name: torch.randn(shape, generator=gen).to(torch.bfloat16)}
+        return _encoded(name, torch.randn(shape, generator=gen), cfg, quant)
     std = shape[-1] ** -0.5
-    routed = ".mlp.experts." in name
-    if routed and quant == "int4":
+    if ".mlp.experts." in name and quant == "int4":
         # uniformly random int32 words are eight uniformly random nibbles: q uniform in [-8, 7]
+        module = name.removesuffix(".weight")
         packed = torch.randint(-2**31, 2**31, (shape[0], shape[1] // 8), generator=gen, dtype=torch.int32)
         scale = (std / 4.6) * (0.5 + torch.rand(shape[0], shape[1] // 32, generator=gen))
         return {module + ".weight_packed": packed, module + ".weight_scale": scale.to(torch.bfloat16),
                 module + ".weight_shape": torch.tensor(shape, dtype=torch.int32)}
-    w = std * torch.randn(shape, generator=gen)
-    linear = len(shape) == 2 and "lm_head" not in name and not name.endswith("mlp.gate.weight")
+    return _encoded(name, std * torch.randn(shape, generator=gen), cfg, quant)
+
+
+def _encoded(name: str, w: torch.Tensor, cfg: ModelConfig, quant: str) -> dict[str, torch.Tensor]:
+    """One logical weight as the checkpoint stores it: the router bias fp32, routed experts INT4
+    (or every linear layer FP8), the rest bf16."""
+    module = name.removesuffix(".weight")
+    if name.endswith("e_score_correction_bias"):
+        return {name: w.float()}
+    if ".mlp.experts." in name and quant == "int4":
+        packed, scale = quantize_int4(w, cfg.quant.group_size)
+        return {module + ".weight_packed": packed, module + ".weight_scale": scale,
+                module + ".weight_shape": torch.tensor(w.shape, dtype=torch.int32)}
+    linear = w.dim() == 2 and not any(k in name for k in ("lm_head", "embed_tokens")) and not name.endswith("mlp.gate.weight")
     if quant == "fp8" and linear:
         q, scale_inv = quantize_fp8_block(w, cfg.quant.block_size)
         return {name: q, module + ".weight_scale_inv": scale_inv}

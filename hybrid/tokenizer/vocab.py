@@ -87,7 +87,13 @@ def write_tokenizer(folder: Path, n_base_tokens: int, seed: int = 0) -> int:
     """Write `tiktoken.model` and `tokenizer_config.json` into `folder`; return the vocabulary size."""
     if n_base_tokens < 256:
         raise ValueError(f"n_base_tokens must be at least 256 (the single bytes), got {n_base_tokens}")
-    tokens = _vocabulary(n_base_tokens, seed)
+    return write_vocabulary(folder, _vocabulary(n_base_tokens, seed))
+
+
+def write_vocabulary(folder: Path, tokens: list[bytes]) -> int:
+    """Write `tokens` (in rank order, the 256 single bytes first) as the tokenizer files of `folder`,
+    with Kimi's specials after them; return the vocabulary size."""
+    n_base_tokens = len(tokens)
     folder = Path(folder)
     lines = [f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)]
     (folder / "tiktoken.model").write_text("".join(lines))
