@@ -14,7 +14,6 @@ import torch
 
 from hybrid.engine import EngineConfig
 from hybrid.engine.constrained import OneToolCall
-from hybrid.server import openai_api
 from hybrid.server.metrics import Metrics
 from hybrid.server.serving import Serving
 from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_CALL_BEGIN, TOOL_CALL_END,
