@@ -9,7 +9,7 @@ the processor's time at most 10% of the free decode step. With --engines, also t
 token of llguidance and xgrammar (if installed) on this vocabulary, for the same grammar, over
 random walks through it.
 
-    python bench/constrained.py [--preset mini] [--model DIR] [--tokens 96] [--engines]
+    python -m bench.constrained [--preset mini] [--model DIR] [--tokens 96] [--engines]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -26,16 +25,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
-
-from hybrid.api import load_model  # noqa: E402
-from hybrid.default_model import preset_model  # noqa: E402
-from hybrid.engine import Engine, SamplingParams  # noqa: E402
-from hybrid.engine.constrained import JSON_STYLE, tool_call_grammar  # noqa: E402
-from hybrid.engine.grammar import GrammarProcessor, grammar_vocab  # noqa: E402
-from hybrid.tokenizer import Tokenizer  # noqa: E402
-from hybrid.tokenizer.specials import TOOL_CALL_ARGS, TOOL_CALL_END  # noqa: E402
+from bench.common import save
+from hybrid.api import load_model
+from hybrid.default_model import preset_model
+from hybrid.engine import Engine, SamplingParams
+from hybrid.engine.constrained import JSON_STYLE, tool_call_grammar
+from hybrid.engine.grammar import GrammarProcessor, grammar_vocab
+from hybrid.tokenizer import Tokenizer
+from hybrid.tokenizer.specials import TOOL_CALL_ARGS, TOOL_CALL_END
 
 TARGET = 0.10
 SCHEMA = {

@@ -2,7 +2,7 @@
 floor measured in the same run, for the runtime's default path and for the plain torch baseline;
 then batched decode.
 
-    python bench/cpu.py [--preset mini] [--context 128] [--prompt 2048] [--streams 16]
+    python -m bench.cpu [--preset mini] [--context 128] [--prompt 2048] [--streams 16]
 
 Floors: decode = bytes each part reads per token, as held, / host read bandwidth (torch sum over
 1 GiB, all threads); prefill = FLOPs / the highest GEMM throughput among the dense kernels the
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +26,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown, save  # noqa: E402
-
-
+from bench.common import markdown, save  # noqa: E402
 from hybrid.api import HybridModel, load_model  # noqa: E402
 from hybrid.default_model import preset_model  # noqa: E402
 from hybrid.experts import cpu  # noqa: E402

@@ -12,7 +12,7 @@ waits or runs; the process's RSS after the run against after warm-up. Then the C
 uses over `--idle-s` seconds, for this server and for `hybrid serve` with its defaults (where
 kt-kernel runs, its pool).
 
-    python bench/endurance.py [--requests 1000] [--concurrency 64] [--idle-s 30]
+    python -m bench.endurance [--requests 1000] [--concurrency 64] [--idle-s 30]
 
 tests/test_endurance.py runs a smaller round of the same code.
 """
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from bench.common import ROOT, report as report_rows
 
 DISCONNECT_SHARE = 0.25  # clients that leave mid-stream ...
 EARLY_SHARE = 0.2  # ... of which this share leave before their first token
@@ -169,7 +171,7 @@ class Child:
 
     def __init__(self, command: list[str], log: Path, timeout: float = 180):
         self.log = log
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT)
         deadline = time.monotonic() + timeout
         self.url = ""
         while not self.url:
@@ -254,7 +256,7 @@ def endurance(model: Path, requests: int = 1000, concurrency: int = 64, distinct
             leave = 0 if rng.random() < EARLY_SHARE else rng.randint(1, max(1, spec.max_tokens - 1))
         plan.append((spec, leave))
     fig = Figures(requests, concurrency, distinct)
-    child = Child([sys.executable, __file__, "--child", str(model), "--kv-tokens", str(kv_tokens)], log)
+    child = Child([sys.executable, "-m", __spec__.name, "--child", str(model), "--kv-tokens", str(kv_tokens)], log)
     try:
         say(f"server up at {child.url}; solo replies of {distinct} distinct requests")
         solo = {spec: r for spec, r in zip(pool, asyncio.run(load(child.url, [(s, None) for s in pool], 1)))}
@@ -349,8 +351,6 @@ def idle_hybrid_serve(model: Path, seconds: float) -> dict:
 
 
 def report(fig: Figures, serve_idle: dict, console) -> None:
-    from common import report as report_rows
-
     b, a = fig.pages_before, fig.pages_after
     rows = [
         ("requests (after the solo round)", f"{fig.requests:,}", f"{fig.concurrency} concurrent streamed clients, "
@@ -382,5 +382,4 @@ def report(fig: Figures, serve_idle: dict, console) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

@@ -9,7 +9,7 @@ experts over that bandwidth. "All cores" for kt-kernel means its pool on every c
 the caller's share on that one. Each figure is the best of a few blocks of calls, preferring
 blocks during which other processes used under 0.2 cores; what they used is recorded.
 
-    python bench/experts.py [--threads 1,2] [--methods int4_kgroup,torch,amx_int8,bf16,amx_int4]
+    python -m bench.experts [--threads 1,2] [--methods int4_kgroup,torch,amx_int8,bf16,amx_int4]
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
+from bench.common import KIMI_HIDDEN, KIMI_INTER, KIMI_TOP_K, ROOT, kimi_experts, save
+from hybrid.experts import cpu
+from hybrid.experts.torch_backend import PackedInt4Experts
+from hybrid.experts.weights import ExpertWeights
+from hybrid.measure import host_gbps
 
-from hybrid.experts import PackedInt4Experts, cpu  # noqa: E402
-from hybrid.experts.weights import ExpertWeights  # noqa: E402
-
-H, I, E, K = 7168, 2048, 64, 8
+H, I, E, K = KIMI_HIDDEN, KIMI_INTER, 64, KIMI_TOP_K
 TOKENS = (1, 8, 64, 512)
 BYTES_PER_WEIGHT = {"int4_kgroup": 0.5 + 2 / 32, "torch": 0.5 + 2 / 32, "amx_int8": 1.0, "amx_int4": 0.5, "bf16": 2.0}
 BLOCKS = {1: (6, 0.2), 8: (3, 0.3), 64: (2, 0.5), 512: (1, 0.0)}  # blocks of calls, each at least this long
@@ -75,37 +75,10 @@ def fastest_block(call, blocks: int, seconds: float, patience: float = 15.0) -> 
     return ms, load
 
 
-def host_gbps(threads: int) -> float:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
-    a.sum()
-    best, _ = fastest_block(a.sum, 5, 0.0)
-    torch.set_num_threads(before)
-    return a.numel() * 4 / best / 1e9
-
-
-def experts(one: torch.Tensor) -> torch.Tensor:
-    """E experts in their own memory, from one random expert (speed does not depend on values)."""
-    return one.expand(E, *one.shape).clone()
-
-
-def int4_weights(g) -> ExpertWeights:
-    words = lambda *s: experts(torch.randint(-2**31, 2**31 - 1, s, dtype=torch.int32, generator=g))
-    scales = lambda *s: experts((torch.rand(*s, generator=g) * 2e-3 + 1e-3).to(torch.bfloat16))
-    return ExpertWeights("int4", words(I, H // 8), words(I, H // 8), words(H, I // 8),
-                         scales(I, H // 32), scales(I, H // 32), scales(H, I // 32))
-
-
-def float_weights(g) -> ExpertWeights:
-    return ExpertWeights("float", *(experts((torch.randn(o, i, generator=g) * 0.02).to(torch.bfloat16))
-                                    for o, i in ((I, H), (I, H), (H, I))))
-
-
 def backend(method: str, threads: int, weights: ExpertWeights):
     if method == "torch":
         return PackedInt4Experts(weights)
-    from hybrid.experts.kt_backend import KTExperts
+    from hybrid.experts.kt.backend import KTExperts
 
     return KTExperts(weights, 0, method, threads, Path.home() / ".cache/hybrid/kt-bench")
 
@@ -144,7 +117,7 @@ def measure(method: str, thread_counts: list[int], host: dict[int, float]) -> li
     """Every thread count and token count of one method (its own process: kt-kernel never frees
     a layer's weights, and float experts of this size are 5.6 GB)."""
     g = torch.Generator().manual_seed(0)
-    weights = int4_weights(g) if method in ("int4_kgroup", "torch") else float_weights(g)
+    weights = kimi_experts(E, "int4" if method in ("int4_kgroup", "torch") else "float")
     per_expert, rows = 3 * H * I * BYTES_PER_WEIGHT[method], []
     for threads in thread_counts:
         t = time.perf_counter()
@@ -180,8 +153,9 @@ def main() -> None:
     rows = []
     for method in methods:
         with console.status(f"{method}: {', '.join(map(str, thread_counts))} threads, T = {TOKENS}"):
-            child = subprocess.run([sys.executable, __file__, "--threads", args.threads,
-                                    "--child", f"{method};{json.dumps(host)}"], capture_output=True, text=True)
+            child = subprocess.run([sys.executable, "-m", __spec__.name, "--threads", args.threads,
+                                    "--child", f"{method};{json.dumps(host)}"], capture_output=True, text=True,
+                                   cwd=ROOT)
         if child.returncode:
             raise SystemExit(f"{method} failed:\n{child.stderr[-3000:]}")
         rows += json.loads(next(line[5:] for line in child.stdout.splitlines() if line.startswith("ROWS ")))

@@ -1,14 +1,14 @@
 """The GPU checks, in one script under 8 minutes: correctness of the GPU paths against the CPU
-path and of decode attention split between the GPU's and the host's KV tiers, then speed with the mini preset and with single layers of Kimi's exact shapes, each figure
-beside its floor. Skips cleanly (exit 0, says so, saves nothing) where there is no CUDA device.
+path and of decode attention split between the GPU's and the host's KV tiers, then speed with the
+mini preset and with single layers of Kimi's exact shapes, each figure beside its floor. Skips
+cleanly (exit 0, says so, saves nothing) where there is no CUDA device.
 
-    python bench/gpu_check.py [--quick]
+    python -m bench.gpu_check [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -16,25 +16,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
+from bench.common import KIMI_EXPERTS, KIMI_HIDDEN, KIMI_INTER, KIMI_TOP_K, kimi_experts, save
+from hybrid.measure import host_gbps
 
 console = Console()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
-
-
-def host_bandwidth(threads: int) -> float:
-    """GB/s of a torch sum over 1 GiB with `threads` threads."""
-    torch.set_num_threads(threads)
-    x = torch.ones(2**28, dtype=torch.float32)
-    x.sum()
-    t = time.perf_counter()
-    for _ in range(5):
-        x.sum()
-    return 5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
 def pcie_bandwidth() -> float:
@@ -52,15 +41,15 @@ def pcie_bandwidth() -> float:
 def correctness(tiny: Path) -> list[tuple[str, float]]:
     """bf16 logits of the GPU placements against the same placement on the CPU."""
     from hybrid.api import load_model
-    from hybrid.scheduler.placement import Placement
+    from hybrid.offload.layout import Layout
 
     ids = torch.randint(0, 1280, (64,), generator=torch.Generator().manual_seed(0))
-    cpu = load_model(tiny, Placement.on("cpu")).logits(ids)
+    cpu = load_model(tiny, Layout.on("cpu")).logits(ids)
     cases = {"all dense on GPU": {}, "50% experts hot": {"hot_experts": {1: list(range(8)), 2: list(range(8))}},
              "streamed prefill": {"stream_threshold": 16}}
     out = []
     for name, kw in cases.items():
-        gpu = load_model(tiny, Placement.on("cuda:0", **kw)).logits(ids)
+        gpu = load_model(tiny, Layout.on("cuda:0", **kw)).logits(ids)
         out.append((name, rel(gpu, cpu)))
     return out
 
@@ -71,9 +60,9 @@ def split_kv(tiny: Path) -> float:
     logit difference over every step."""
     from hybrid.api import load_model
     from hybrid.engine import Engine, EngineConfig, SamplingParams
-    from hybrid.scheduler.placement import Placement
+    from hybrid.offload.layout import Layout
 
-    model = load_model(tiny, Placement.on("cuda:0"), dtype=torch.float32)
+    model = load_model(tiny, Layout.on("cuda:0"), dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1280, (n,), generator=g).tolist() for n in (70, 150)]
     runs = []
@@ -84,20 +73,6 @@ def split_kv(tiny: Path) -> float:
         engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
         runs.append(steps)
     return max(float((a - b).abs().max()) for a, b in zip(*runs))
-
-
-def kimi_layer(experts: int = 384, hidden: int = 7168, inter: int = 2048):
-    """One MoE layer of Kimi's exact shapes, random INT4 (group 32) experts."""
-    from hybrid.experts.weights import ExpertWeights
-
-    g = torch.Generator().manual_seed(0)
-
-    def proj(out_f, in_f):
-        return (torch.randint(-2**31, 2**31, (experts, out_f, in_f // 8), generator=g, dtype=torch.int32),
-                (torch.rand(experts, out_f, in_f // 32, generator=g) * 0.01).to(torch.bfloat16))
-
-    (gate, gs), (up, us), (down, ds) = proj(inter, hidden), proj(inter, hidden), proj(hidden, inter)
-    return ExpertWeights("int4", gate, up, down, gs, us, ds)
 
 
 def time_layer(ex, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, reps: int) -> float:
@@ -114,21 +89,22 @@ def time_layer(ex, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, rep
 
 def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
     """T = 1 decode of one Kimi layer with 0/10/50% of experts hot: ms beside its floor."""
-    from hybrid.experts import ExpertOptions, make_backend
-    from hybrid.scheduler.device_experts import DeviceExperts
-    from hybrid.scheduler.hybrid_experts import HybridExperts
+    from hybrid.experts.choice import make_backend
+    from hybrid.experts.options import ExpertOptions
+    from hybrid.offload.device_experts import DeviceExperts
+    from hybrid.offload.hybrid_experts import HybridExperts
 
     rows = []
     per_expert = weights.nbytes() / weights.num_experts
     cpu = make_backend(weights, 1, ExpertOptions(threads=threads))
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(1, 7168, generator=g).to(torch.bfloat16).cuda()
-    w = torch.rand(1, 8, generator=g).float().cuda()
+    hidden = torch.randn(1, KIMI_HIDDEN, generator=g).to(torch.bfloat16).cuda()
+    w = torch.rand(1, KIMI_TOP_K, generator=g).float().cuda()
     for share in (0.0, 0.1, 0.5):
-        n_hot = int(384 * share)
+        n_hot = int(KIMI_EXPERTS * share)
         hot = DeviceExperts(weights, list(range(n_hot)), "cuda:0") if n_hot else None
         ex = HybridExperts(1, cpu, "cuda:0", hot=hot)
-        ids = torch.randperm(384, generator=g)[:8][None].cuda()
+        ids = torch.randperm(KIMI_EXPERTS, generator=g)[:KIMI_TOP_K][None].cuda()
         cold = int((ids >= n_hot).sum())
         ms = time_layer(ex, hidden, ids, w, 20) * 1e3
         floor = cold * per_expert / (host_gbps * 1e9) * 1e3
@@ -141,24 +117,25 @@ def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
 def kimi_prefill(weights, host_gbps: float, pcie_gbps: float, cpu_tflops: float, threads: int,
                  sizes: tuple[int, ...]) -> list[dict]:
     """Prefill of one Kimi layer: CPU experts vs streaming them to the GPU."""
-    from hybrid.experts import ExpertOptions, make_backend
-    from hybrid.scheduler.hybrid_experts import HybridExperts
-    from hybrid.scheduler.prefill_stream import ExpertStreamer
+    from hybrid.experts.choice import make_backend
+    from hybrid.experts.options import ExpertOptions
+    from hybrid.offload.hybrid_experts import HybridExperts
+    from hybrid.offload.prefill_stream import ExpertStreamer
 
     streamer = ExpertStreamer("cuda:0")
     streamer.add(1, weights)
     cpu = make_backend(streamer.layers[1], 1, ExpertOptions(threads=threads))
-    flops_per_pick = 3 * 2 * 7168 * 2048
+    flops_per_pick = 3 * 2 * KIMI_HIDDEN * KIMI_INTER
     rows = []
     for tokens in sizes:
         g = torch.Generator().manual_seed(tokens)
-        hidden = torch.randn(tokens, 7168, generator=g).to(torch.bfloat16).cuda()
-        ids = torch.stack([torch.randperm(384, generator=g)[:8] for _ in range(tokens)]).cuda()
-        w = torch.rand(tokens, 8, generator=g).cuda()
+        hidden = torch.randn(tokens, KIMI_HIDDEN, generator=g).to(torch.bfloat16).cuda()
+        ids = torch.stack([torch.randperm(KIMI_EXPERTS, generator=g)[:KIMI_TOP_K] for _ in range(tokens)]).cuda()
+        w = torch.rand(tokens, KIMI_TOP_K, generator=g).cuda()
         for name, threshold in (("CPU experts", None), ("streamed to GPU", 1)):
             ex = HybridExperts(1, cpu, "cuda:0", streamer=streamer, stream_threshold=threshold)
             ms = time_layer(ex, hidden, ids, w, 2) * 1e3
-            floor = max(tokens * 8 * flops_per_pick / (cpu_tflops * 1e12),
+            floor = max(tokens * KIMI_TOP_K * flops_per_pick / (cpu_tflops * 1e12),
                         min(weights.nbytes() / (pcie_gbps * 1e9), weights.nbytes() / (host_gbps * 1e9))) * 1e3
             rows.append({"case": f"prefill {tokens} tokens, {name}", "ms": ms, "floor_ms": floor,
                          "tok_s": tokens / ms * 1e3})
@@ -175,13 +152,13 @@ def main() -> None:
     from hybrid.default_model import preset_model
 
     threads = max(1, (torch.get_num_threads() or 2) - 1)
-    host = host_bandwidth(threads)
+    host = host_gbps(threads)
     pcie = pcie_bandwidth()
     console.print(f"{torch.cuda.get_device_name(0)}: host read {host:.1f} GB/s ({threads} threads), "
                   f"pinned H2D {pcie:.1f} GB/s")
     checks = correctness(preset_model("tiny"))
     checks.append(("KV split between GPU and host tiers (max abs logit diff)", split_kv(preset_model("tiny"))))
-    weights = kimi_layer()
+    weights = kimi_experts(KIMI_EXPERTS)
     rows = kimi_decode(weights, host, threads)
     sizes = (512, 4096) if args.quick else (512, 4096, 16384)
     rows += kimi_prefill(weights, host, pcie, 1.0, threads, sizes)

@@ -1,7 +1,7 @@
 """What storing the latent KV cache as FP8 costs in accuracy: greedy decoding of the same prompts
 with a bf16 cache and an FP8 (e4m3, per-token scales) cache, the model itself in bf16.
 
-    python bench/kv_fp8.py [--preset mini] [--prompts 8] [--prompt-tokens 512] [--new 64]
+    python -m bench.kv_fp8 [--preset mini] [--prompts 8] [--prompt-tokens 512] [--new 64]
 
 Per prompt both runs decode greedily; `agree` is how many leading tokens they share. Logit error
 compares the two runs' logits at every step up to and including the first that differs (their
@@ -12,8 +12,6 @@ difference. The bf16 cache itself rounds latents computed in bf16, so it is the 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import hybrid  # noqa: F401  (first: it sets OpenMP's spin before torch loads)
 
@@ -21,9 +19,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown, save  # noqa: E402
-
+from bench.common import markdown, save  # noqa: E402
 from hybrid.api import load_model  # noqa: E402
 from hybrid.default_model import preset_model  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Decode speed against context length with the KV cache's two tiers, each beside its floor measured
 in the same run.
 
-    python bench/kv_tiers.py [--preset mini] [--contexts 2048 8192 32768 65536] [--device-tokens 1024]
+    python -m bench.kv_tiers [--preset mini] [--contexts 2048 8192 32768 65536] [--device-tokens 1024]
 
 Per context, one decode step (the best of a few) of one sequence whose cache is: all in one tier;
 split, the newest `--device-tokens` on the attention device and the rest in the host tier (attention
@@ -18,8 +18,6 @@ latents as stored; FLOPs are the absorbed attention's over the context. Bandwidt
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import hybrid  # noqa: F401  (first: it sets OpenMP's spin before torch loads)
 from hybrid import breakdown
@@ -28,9 +26,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown, save  # noqa: E402
-
+from bench.common import markdown, save  # noqa: E402
 from hybrid.api import HybridModel, load_model  # noqa: E402
 from hybrid.default_model import preset_model  # noqa: E402
 from hybrid.measure import best_seconds, gemm_tflops, host_gbps  # noqa: E402

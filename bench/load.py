@@ -3,7 +3,7 @@
 The model is loaded in a fresh process so its peak RSS is the loader's alone. Target: peak RSS
 at most 1.3x the bytes on disk (the weights are held once; no second full copy).
 
-    python bench/load.py [--preset mini] [--folder DIR]
+    python -m bench.load [--preset mini] [--folder DIR]
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown, save  # noqa: E402
+from bench.common import markdown, save
 
 CHILD = """
 import json, sys, time

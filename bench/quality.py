@@ -1,8 +1,8 @@
 """Perplexity of each runtime path on held-out standard-library text, beside the float32 path.
 
-    python bench/quality.py [--model DIR] [--tokens 16384]
+    python -m bench.quality [--model DIR] [--tokens 16384]
 
-The model is the embedded default (trained: see bench/train_default.py) unless --model is
+The model is the embedded default (trained: see `python -m bench.train_default`) unless --model is
 given; the text is the first --tokens tokens of the held-out files (hybrid/corpus.py: HELD_OUT),
 read in windows of 256 tokens. Each path (hybrid/quality.py: PATHS) is loaded as
 `load_model` loads it, and its perplexity is compared with the float32 reference's against the
@@ -14,7 +14,6 @@ cannot run (no GPU, no kt-kernel build) are listed with the reason.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +23,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown, save  # noqa: E402
-
+from bench.common import markdown, save  # noqa: E402
 from hybrid import corpus, quality  # noqa: E402
 from hybrid.default_model import EMBEDDED  # noqa: E402
 from hybrid.tokenizer import Tokenizer  # noqa: E402

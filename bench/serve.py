@@ -5,7 +5,7 @@ Measures single-stream decode tokens/s and time to first token (TTFT); aggregate
 with the first against the first's (cold) TTFT. Target: the second turn's TTFT at most 15% of the
 cold one. Every phase is bounded in requests and tokens, and the whole run in time.
 
-    python bench/serve.py [--preset mini] [--model DIR] [--budget-s 540]
+    python -m bench.serve [--preset mini] [--model DIR] [--budget-s 540]
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import report as report_rows  # noqa: E402
-
-from hybrid.default_model import preset_model  # noqa: E402
-from hybrid.tokenizer import Tokenizer  # noqa: E402
+from bench.common import report as report_rows
+from hybrid.default_model import preset_model
+from hybrid.tokenizer import Tokenizer
 
 CONCURRENCY = (1, 4, 16)
 PREFIX_TOKENS = 2000

@@ -1,6 +1,6 @@
 """Train the embedded default model from the running Python's standard library, and record how.
 
-    python bench/train_default.py [--steps 400] [--out hybrid/embedded/k2-stdlib]
+    python -m bench.train_default [--steps 400] [--out hybrid/embedded/k2-stdlib]
 
 A byte-pair tokenizer is learned from the training files (hybrid/tokenizer/bpe.py), then a small
 Kimi K2-architecture model (hybrid/default_model.py: SHAPE) is trained with transformers'
@@ -25,15 +25,13 @@ import hybrid  # noqa: F401  first: it sets OpenMP's spin before torch loads
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown, save  # noqa: E402
-
+from bench.common import RESULTS, markdown, save  # noqa: E402
 from hybrid import corpus, quality, training  # noqa: E402
-from placement.atomic import atomic_write  # noqa: E402
 from hybrid.default_model import EMBEDDED, SHAPE  # noqa: E402
 from hybrid.tokenizer import Tokenizer  # noqa: E402
 from hybrid.tokenizer.bpe import train_bpe  # noqa: E402
 from hybrid.tokenizer.vocab import write_vocabulary  # noqa: E402
+from placement.atomic import atomic_write  # noqa: E402
 
 N_BASE_TOKENS = SHAPE["vocab_size"] - 256
 EVAL_TOKENS = 4096  # the held-out slice tracked during training

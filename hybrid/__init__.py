@@ -12,7 +12,7 @@ if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 # Whether torch's OpenMP threads give their cores up soon after each op, so that kt-kernel's
-# spinning threads may run below them (hybrid/experts/kt_backend.py): known only if set before torch.
+# spinning threads may run below them (hybrid/experts/kt/pool.py): known only if set before torch.
 OPENMP_YIELDS = "torch" not in sys.modules and (
     os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     or (os.environ.get("OMP_WAIT_POLICY") is None and int(os.environ.get("GOMP_SPINCOUNT", "300000")) <= 20000))

@@ -9,13 +9,13 @@ import torch
 from hybrid.model import dense_kernel
 from hybrid.model.batch import ForwardBatch
 from hybrid.model.checkpoint import Checkpoint
-from hybrid.model.config import ModelConfig
-from hybrid.model.kv_cache import KVCache
 from hybrid.model.decoder import DeepseekV3
+from hybrid.model.kv_cache import KVCache
 from hybrid.model.loader import build_model
-from hybrid.scheduler.placement import ExpertBuilder, Placement
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.offload.layout import ExpertBuilder, Layout
+from hybrid.offload.stats import ActivationStats
 from hybrid.settings import Settings, settings
+from placement.model_config import ModelConfig
 
 
 class HybridModel:
@@ -26,8 +26,8 @@ class HybridModel:
         self.dense_kernel = dense_kernel  # what runs the dense projections that live on the CPU
 
     @property
-    def placement(self) -> Placement:
-        return self.settings.placement
+    def layout(self) -> Layout:
+        return self.settings.layout
 
     @property
     def config(self) -> ModelConfig:
@@ -93,7 +93,7 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
                stats: ActivationStats | None = None, dense: str | None = None) -> HybridModel:
     """Load a checkpoint folder.
 
-    `profile` (a placement Profile, a path to one, a runtime Placement, or the Settings that
+    `profile` (a placement Profile, a path to one, a runtime Layout, or the Settings that
     `hybrid.settings.settings` made of one) decides where each part runs; an invalid or
     mismatched profile is refused with every problem listed. Without one, every dense module goes
     to `device` (default cpu) and routed experts to the default CPU backend; with one, `device`
@@ -104,8 +104,8 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
     path = Path(path)
     ckpt = Checkpoint(path)
     s = settings(path, profile, device)
-    experts = ExpertBuilder(s.placement, ckpt.config, dtype, stats)
-    model = build_model(ckpt, experts, dtype, progress, s.placement.device_of)
+    experts = ExpertBuilder(s.layout, ckpt.config, dtype, stats)
+    model = build_model(ckpt, experts, dtype, progress, s.layout.device_of)
     ckpt.close()
     kernel = dense_kernel.pack(model, dense) if dtype == torch.bfloat16 else "torch"
     return HybridModel(model, path, s, kernel)

@@ -5,7 +5,7 @@ experts, routers, lm_head), routed experts as the rest of each MoE layer's time,
 the forward pass, and framework overhead as what is left of the wall time. Floors: for decode,
 the bytes a part must read per token (its weights as held, the chosen experts, the latent cache)
 over the host read bandwidth; for prefill, its FLOPs over the highest GEMM throughput measured
-among the kernels the runtime can use. `hybrid bench` and bench/cpu.py print them.
+among the kernels the runtime can use. `hybrid bench` and `python -m bench.cpu` print them.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def serve(
     url = url_of(sock)
 
     def started() -> None:
-        for line in serving.summary():
+        for line in serving.summary:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
         console.print(f"serving [bold]{serving.model_name}[/] at {url} (OpenAI: {url}/v1; Anthropic: {url} or "
                       f"{url}/anthropic; also /health, /metrics)", highlight=False, soft_wrap=True)
@@ -346,7 +346,7 @@ def doctor():
     from rich.console import Console
     from rich.table import Table
 
-    from hybrid.experts import default_kernel
+    from hybrid.experts.choice import default_kernel
     from hybrid.experts.cpu import report
 
     table = Table(title="CPU experts on this machine", show_header=False)

@@ -1,5 +1,5 @@
 """The model commands run when given none: `k2-stdlib`, a small Kimi K2-architecture model trained
-on the Python standard library (bench/train_default.py), shipped in the package in Kimi's on-disk
+on the Python standard library (`python -m bench.train_default`), shipped in the package in Kimi's on-disk
 format. Presets (`tiny`, `mini`: random weights) are generated once into the user's cache
 (~/.cache/hybrid/models/<preset>, or under $XDG_CACHE_HOME)."""
 

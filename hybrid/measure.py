@@ -66,10 +66,16 @@ def best_seconds(call, repeats: int = 5) -> float:
     return best
 
 
-def host_gbps() -> float:
-    """Host memory read bandwidth with torch's threads: a sum over 1 GiB, the best of a few."""
-    a = torch.ones(2**28, dtype=torch.float32)
-    return a.nbytes / best_seconds(a.sum) / 1e9
+def host_gbps(threads: int | None = None) -> float:
+    """Host memory read bandwidth: a sum over 1 GiB with `threads` torch threads (default: torch's
+    own count), the best of a few. The floor every CPU figure is set beside."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        a = torch.ones(2**28, dtype=torch.float32)
+        return a.nbytes / best_seconds(a.sum) / 1e9
+    finally:
+        torch.set_num_threads(before)
 
 
 def gemm_tflops(size: int = 2048) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 Every runtime path (expert backend and kernel, compute dtype, dense kernel, expert deferral)
 states its tolerance as the most its perplexity may exceed the float32 path's, relative; the
-tests hold each path to it and `bench/quality.py` records the figures.
+tests hold each path to it and `python -m bench.quality` records the figures.
 """
 
 from __future__ import annotations
@@ -51,18 +51,18 @@ class ComputePath:
     def load(self, folder):
         """The model at `folder`, loaded to compute this way."""
         from hybrid.api import load_model
-        from hybrid.experts import ExpertOptions
+        from hybrid.experts.options import ExpertOptions
         from hybrid.model.checkpoint import Checkpoint
-        from hybrid.scheduler.placement import Placement
+        from hybrid.offload.layout import Layout
 
         hot = {}
         if self.gpu_experts:
             ckpt = Checkpoint(folder)
             hot = {layer: list(range(ckpt.config.n_routed_experts)) for layer in ckpt.config.moe_layers}
             ckpt.close()
-        placement = Placement.on(self.device, defer=self.defer, hot_experts=hot,
-                                 experts=ExpertOptions(backend=self.backend, method=self.method))
-        return load_model(folder, placement, dtype=self.dtype, dense=self.dense)
+        layout = Layout.on(self.device, defer=self.defer, hot_experts=hot,
+                           experts=ExpertOptions(backend=self.backend, method=self.method))
+        return load_model(folder, layout, dtype=self.dtype, dense=self.dense)
 
 
 REFERENCE = ComputePath("float32, torch experts", 0.0, torch.float32, "torch", note="the reference: dequantized INT4, fp32")

@@ -1,7 +1,7 @@
 """Every runtime setting, made in one place: the composition root's first half.
 
 A placement profile (or none) is checked once, here, and becomes where each part runs and how
-the CPU experts run (a `Placement`) and the engine's KV cache and batching (an `EngineConfig`).
+the CPU experts run (a `Layout`) and the engine's KV cache and batching (an `EngineConfig`).
 `load_model`, `hybrid serve`, `hybrid bench` and `hybrid profile record` all start from
 `settings`; nothing else reads a profile.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid.experts import ExpertOptions
-from hybrid.model.config import ModelConfig
-from hybrid.scheduler.placement import Placement
+from hybrid.experts.options import ExpertOptions
+from hybrid.offload.layout import Layout
 from placement.memory import MIB
+from placement.model_config import ModelConfig
 from placement.model_spec import Arch
 from placement.profile import Profile, ProfileError
 
@@ -46,7 +46,7 @@ class EngineConfig:
 
 @dataclass
 class Settings:
-    placement: Placement = field(default_factory=Placement)
+    layout: Layout = field(default_factory=Layout)
     engine: EngineConfig = field(default_factory=EngineConfig)
     profile: Profile | None = None  # what they were made from (its prediction, for `hybrid bench`)
 
@@ -54,29 +54,29 @@ class Settings:
 def settings(folder: str | Path, profile=None, device: str | None = None) -> Settings:
     """The settings of the model at `folder` from `profile`: a placement Profile or the path of
     one (checked against the checkpoint; refused with every problem `hybrid profile validate`
-    would print), a runtime `Placement` or `Settings` (taken as they are), or None (everything on
+    would print), a runtime `Layout` or `Settings` (taken as they are), or None (everything on
     `device`, default cpu). With a profile, `device` stands in for every GPU the profile names
     (its plan run where that GPU is absent: the tests' CPU plays it)."""
     if isinstance(profile, Settings):
         return profile
-    if profile is None or isinstance(profile, Placement):
-        return Settings(profile or Placement.on(device or "cpu"))
+    if profile is None or isinstance(profile, Layout):
+        return Settings(profile or Layout.on(device or "cpu"))
     if isinstance(profile, (str, Path)):
         profile = Profile.load(profile, model=folder)
     else:
         problems = profile.problems(Arch.from_config(folder))
         if problems:
             raise ProfileError(problems, "profile")
-    return Settings(_placement(profile, device), _engine(profile), profile)
+    return Settings(_layout(profile, device), _engine(profile), profile)
 
 
-def _placement(p: Profile, device: str | None) -> Placement:
+def _layout(p: Profile, device: str | None) -> Layout:
     """Where each part runs, as the profile says (every GPU replaced by `device` when given)."""
     def on(d: str) -> str:
         return device if device is not None and d != "cpu" else d
 
     layers = range(p.model.num_hidden_layers)
-    return Placement(
+    return Layout(
         embed=on(p.device_of("embed")), lm_head=on(p.device_of("lm_head")),
         layers={i: on(p.device_of("attention", i)) for i in layers},
         hot_experts={int(k): list(v) for k, v in p.gpu_experts.items() if v},

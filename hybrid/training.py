@@ -17,9 +17,9 @@ import torch
 
 from hybrid.corpus import FunctionTurn
 from hybrid.model.checkpoint import tensor_shapes
-from hybrid.model.config import ModelConfig
 from hybrid.model.synthetic import kimi_config, write_checkpoint
 from hybrid.tokenizer import Tokenizer
+from placement.model_config import ModelConfig
 
 
 def hf_model(config: dict, seed: int = 0):

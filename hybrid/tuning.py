@@ -14,7 +14,7 @@ from hybrid.measure import measure
 def with_proven_backend(hw):
     """`hw`, this machine's CPU, with the expert backend that proves itself here (the default
     path's choice, which `hybrid doctor` shows), so a plan for this machine runs as planned."""
-    from hybrid.experts import default_kernel
+    from hybrid.experts.choice import default_kernel
 
     hw.cpu.expert_backend = default_kernel()[0].name
     return hw
@@ -70,8 +70,8 @@ def parts(model: HybridModel, prompt: int) -> list:
 def record(folder: Path, profile, prompts: list[str], out: Path, max_tokens: int = 32, progress=None) -> dict:
     """Run `prompts` (chat user turns) through the model and add their per-layer expert
     activation counts to the stats file `out` (created if missing; written atomically)."""
-    from hybrid.model.config import ModelConfig
-    from hybrid.scheduler.stats import ActivationStats
+    from placement.model_config import ModelConfig
+    from hybrid.offload.stats import ActivationStats
     from hybrid.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(folder)

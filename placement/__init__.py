@@ -5,9 +5,10 @@ level and nothing of the `hybrid` runtime, which reads the Profile this package 
 """
 
 from placement.hardware import Hardware, describe, detect, resolve
-from placement.model_spec import Arch, ModelSpec, ModelSpecError
+from placement.model_config import ConfigError
+from placement.model_spec import Arch, ModelSpec
 from placement.planner import PlanError, Request, Stats, plan
 from placement.profile import Problem, Profile, ProfileError
 
-__all__ = ["Arch", "Hardware", "ModelSpec", "ModelSpecError", "PlanError", "Problem", "Profile", "ProfileError",
+__all__ = ["Arch", "ConfigError", "Hardware", "ModelSpec", "PlanError", "Problem", "Profile", "ProfileError",
            "Request", "Stats", "describe", "detect", "plan", "resolve"]

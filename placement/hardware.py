@@ -1,6 +1,6 @@
 """What a machine has: GPUs, CPU cores and instruction sets, NUMA nodes, host RAM.
 
-`detect()` reads this machine (psutil, /proc/cpuinfo, /sys, torch or nvidia-smi); `describe()`
+`detect()` reads this machine (`cpu_probe`, torch or nvidia-smi); `describe()`
 and `Hardware.load()` build one by hand, so a plan can be made for a machine you do not have.
 Sizes are binary: "24GB" is 24 GiB, as nvidia-smi and free count them.
 """
@@ -17,10 +17,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from placement import cpu_probe
 from placement.errors import PlacementError
 
 GIB = 1 << 30
-ISA_LEVELS = ("amx", "avx512_bf16", "avx512", "avx2")  # strongest first; each implies the ones after it
+# strongest first; each implies the ones after it; with the CPU flags that show each
+ISA_FLAGS = {"amx": ("amx_tile", "amx_int8", "amx_bf16"), "avx512_bf16": ("avx512_bf16",),
+             "avx512": ("avx512f", "avx512bw"), "avx2": ("avx2",)}
+ISA_LEVELS = tuple(ISA_FLAGS)
 
 
 class HardwareError(PlacementError):
@@ -218,33 +222,12 @@ def from_this_machine(hw: Hardware, file: str | Path | None = None, gpus: list[s
 
 
 def detect() -> Hardware:
-    """This machine, as far as it can be read without root."""
-    import psutil
-
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    isa = [n for n, f in (("amx", "amx_int8"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"),
-                          ("avx2", "avx2")) if f in flags]
-    cores = len(info["_cores"]) or psutil.cpu_count(logical=False) or 1
-    numa = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
-    cpu = CPU(name=info.get("model name", "CPU"), cores=cores, numa_nodes=numa, isa=isa)
-    return Hardware(gpus=_gpus(), cpu=cpu, ram_gib=round(psutil.virtual_memory().total / GIB, 2))
-
-
-def _cpuinfo() -> dict:
-    out: dict = {"_cores": set()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return out
-    for block in text.split("\n\n"):
-        kv = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-        kv = {k.strip(): v.strip() for k, v in kv.items()}
-        if "core id" in kv:
-            out["_cores"].add((kv.get("physical id"), kv["core id"]))
-        for k in ("flags", "model name"):
-            out.setdefault(k, kv.get(k))
-    return {k: v for k, v in out.items() if v is not None}
+    """This machine, as far as it can be read without root: the CPU as this process may use it."""
+    nodes = cpu_probe.cores_by_node()
+    isa = [level for level, need in ISA_FLAGS.items() if cpu_probe.has(*need)]
+    cpu = CPU(name=cpu_probe.model_name() or "CPU", cores=sum(map(len, nodes.values())), numa_nodes=len(nodes),
+              isa=isa)
+    return Hardware(gpus=_gpus(), cpu=cpu, ram_gib=round(cpu_probe.memory()[0] / GIB, 2))
 
 
 def _gpus() -> list[GPU]:

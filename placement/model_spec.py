@@ -14,20 +14,16 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from placement.errors import PlacementError
+from placement.model_config import ModelConfig
 
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "I32": 4, "F8_E4M3": 1}
 GROUPS = ("embed", "lm_head", "attention", "router", "shared", "dense")  # what a profile places
-
-
-class ModelSpecError(PlacementError):
-    """A config.json the planner cannot size, naming the key at fault."""
 
 
 class Arch(BaseModel):
@@ -61,53 +57,23 @@ class Arch(BaseModel):
 
     @classmethod
     def from_config(cls, path: str | Path, name: str | None = None) -> Arch:
+        """The dimensions of the checkpoint folder (or config.json) at `path`, named for its folder."""
         path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise ModelSpecError(f"{file}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ModelSpecError(f"{file}: not valid JSON ({e})") from None
-        except OSError as e:
-            raise ModelSpecError(f"{file}: cannot read ({e.strerror})") from None
         default = path.name if path.is_dir() else (path.parent.name if path.name == "config.json" else path.stem)
-        return cls.from_dict(data, name or default or "model", str(file))
+        return cls.of(ModelConfig.from_file(path), name or default or "model")
 
     @classmethod
     def from_dict(cls, data: dict, name: str = "model", source: str = "config.json") -> Arch:
-        if not isinstance(data, dict):
-            raise ModelSpecError(f"{source}: not a JSON object")
-        nested = isinstance(data.get("text_config"), dict)
-        text = data["text_config"] if nested else data
-        q = text.get("quantization_config") or data.get("quantization_config") or {}
+        return cls.of(ModelConfig.from_dict(data, source), name)
 
-        def need(key: str):
-            if text.get(key) is None:
-                raise ModelSpecError(f"{source}: missing required key '{key}'")
-            return text[key]
-
-        quant, group, block = _quant(q)
-        try:
-            return cls(
-                name=name, model_type=str(text.get("model_type", "deepseek_v3")), quant=quant,
-                vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
-                intermediate_size=need("intermediate_size"), moe_intermediate_size=need("moe_intermediate_size"),
-                num_hidden_layers=need("num_hidden_layers"), first_k_dense_replace=text.get("first_k_dense_replace", 0),
-                n_routed_experts=need("n_routed_experts"), num_experts_per_tok=need("num_experts_per_tok"),
-                n_shared_experts=text.get("n_shared_experts") or 0, num_attention_heads=need("num_attention_heads"),
-                q_lora_rank=text.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
-                qk_nope_head_dim=need("qk_nope_head_dim"), qk_rope_head_dim=need("qk_rope_head_dim"),
-                v_head_dim=need("v_head_dim"), max_position_embeddings=text.get("max_position_embeddings", 4096),
-                tie_word_embeddings=bool(text.get("tie_word_embeddings", data.get("tie_word_embeddings", False))),
-                group_size=group, block_size=block, nextn_layers=text.get("num_nextn_predict_layers") or 0,
-                nested=nested,
-            )
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(map(str, err["loc"]))
-            raise ModelSpecError(f"{source}: {key} = {err.get('input')!r}: {err['msg'].lower()} "
-                                 "(fix: correct it in config.json)") from None
+    @classmethod
+    def of(cls, c: ModelConfig, name: str = "model") -> Arch:
+        """The sizing dimensions of a parsed config."""
+        q = c.quant
+        dims = {f.name: getattr(c, f.name) for f in fields(c) if f.name in cls.model_fields and f.name != "quant"}
+        return cls(**dims, name=name, quant="bf16" if q is None else ("fp8" if q.method == "fp8" else "int4"),
+                   group_size=q.group_size if q else 32, block_size=q.block_size if q else (128, 128),
+                   nested=bool(c.tensor_prefix))
 
     def digest(self) -> str:
         """Short digest of everything but the name: two checkpoints with equal hashes size alike."""
@@ -120,24 +86,6 @@ class Arch(BaseModel):
 
     def is_moe(self, layer: int) -> bool:
         return self.first_k_dense_replace <= layer < self.num_hidden_layers
-
-
-def _quant(q: dict) -> tuple[str, int, tuple[int, int]]:
-    method = q.get("quant_method")
-    if not method:
-        return "bf16", 32, (128, 128)
-    if method == "fp8":
-        b = q.get("weight_block_size") or [128, 128]
-        return "fp8", 32, (int(b[0]), int(b[1]))
-    if method == "compressed-tensors":
-        groups = q.get("config_groups") or {}
-        w = next(iter(groups.values()), {}).get("weights") or {}
-        if w.get("num_bits") != 4 or w.get("strategy") != "group":
-            raise ModelSpecError("config.json: quantization_config must be 4-bit group compressed-tensors "
-                                 f"(got num_bits={w.get('num_bits')}, strategy={w.get('strategy')})")
-        return "int4", int(w.get("group_size") or 32), (128, 128)
-    raise ModelSpecError(f"config.json: unsupported quantization_config.quant_method {method!r}; "
-                         "supported: 'compressed-tensors' (INT4), 'fp8'")
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def choose_cpu(spec: ModelSpec, hw: Hardware) -> CpuSection:
     re-quantized for AMX (int8 when all experts fit in RAM that way, else int4) or run as bf16.
     Without AVX2, the portable torch backend. Threads: every physical core (kt-kernel's compute
     threads take all but the last, which the driving thread shares with kt's queue and a share of
-    each expert's rows; hybrid/experts/kt_backend.py)."""
+    each expert's rows; hybrid/experts/kt/pool.py and row_split.py)."""
     cpu, a = hw.cpu, spec.arch
     threads = cpu.cores
     pools = cpu.pools(threads)

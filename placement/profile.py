@@ -18,7 +18,8 @@ from placement.atomic import atomic_write
 from placement.checks import PROFILE_VERSION, Problem, ProfileError, check
 from placement.hardware import Hardware
 from placement.memory import LAYER_GROUPS
-from placement.model_spec import Arch, ModelSpec, ModelSpecError
+from placement.model_config import ConfigError
+from placement.model_spec import Arch, ModelSpec
 
 METHODS = ("int4_kgroup", "amx_int4", "amx_int8", "bf16")
 _DEVICE = re.compile(r"cpu|cuda:(\d+)")
@@ -164,7 +165,7 @@ class Profile(_Section):
         problems: list[Problem] = []
         try:
             checkpoint = Arch.from_config(model) if model else None
-        except ModelSpecError as e:
+        except ConfigError as e:
             checkpoint = None
             problems.append(Problem("--model", str(e), "give a checkpoint folder or its config.json"))
         try:

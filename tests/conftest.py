@@ -16,6 +16,7 @@ from served import Served
 
 KEY = "test-key"  # the API key of the servers the tests start
 SCRIPTED = "kimi-scripted"  # the name `served` serves its model under
+HI = [{"role": "user", "content": "Hello! What is the weather in Paris?"}]  # a first turn, in either API's form
 
 torch.set_num_threads(2)
 

@@ -1,14 +1,10 @@
 """What every saved benchmark result records about the machine, checked against the machine."""
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-
-import common  # noqa: E402
+from bench import common
 
 
 def test_results_record_the_instruction_sets_kt_build_torch_and_threads(tmp_path, monkeypatch):

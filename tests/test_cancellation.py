@@ -29,7 +29,7 @@ BODIES = {
 
 def pages_and_running(serving) -> tuple[int, int]:
     """KV pages held by requests, and requests running, as the engine has them."""
-    engine = serving.engine
+    engine = serving.thread.engine
     return engine.pages.num_used, len(engine.scheduler.running)
 
 
@@ -70,7 +70,7 @@ def server(serving):
 def test_a_client_that_leaves_a_plain_request_cancels_it_at_once(server, serving, path):
     body, headers = BODIES[path]
     assert leave_mid_request(serving, server.url, path, body, headers) < 1.0
-    assert serving.metrics.requests["abort"] >= 1
+    assert serving.metrics.value("requests_total", finish_reason="abort") >= 1
 
 
 def test_sigterm_ends_a_long_generation_within_seconds(tiny_dir, tmp_path):

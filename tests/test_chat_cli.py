@@ -63,5 +63,5 @@ def test_chat_against_a_server_keeps_the_history(server):
     reply(child, '"""\nfirst pasted line\nsecond pasted line\n"""')
     child.sendeof()
     child.expect(pexpect.EOF)
-    assert serving.metrics.requests.total() == 2
-    assert serving.metrics.cached_tokens > 0  # the second turn resent (and reused) the first
+    assert serving.metrics.value("requests_total") == 2
+    assert serving.metrics.value("prefix_cache_hit_tokens_total") > 0  # the second turn resent (and reused) the first

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hybrid.model.checkpoint import Checkpoint, CheckpointError
-from hybrid.model.config import ConfigError, ModelConfig
-from hybrid.quant import dequantize_int4, pack_int4, unpack_int4
 from hybrid.model.synthetic import kimi_config, write_checkpoint
+from hybrid.quant import dequantize_int4, pack_int4, unpack_int4
+from placement.model_config import ConfigError, ModelConfig
 
 
 def test_int4_pack_unpack_is_exact():

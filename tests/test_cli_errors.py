@@ -195,9 +195,9 @@ def test_doctor_and_plan_name_the_same_backend(monkeypatch):
     class Refused:  # a machine where kt-kernel's kernel was refused: the default path runs torch
         name, kernel = "torch", "torch int4pack_mm"
 
-    import hybrid.experts
+    from hybrid.experts import choice
 
-    monkeypatch.setattr(hybrid.experts, "default_kernel", lambda: (Refused(), []))
+    monkeypatch.setattr(choice, "default_kernel", lambda: (Refused(), []))
     planned = run("plan", "--config", str(KIMI_CONFIG), "--gpu", "4090", "--ram", "1TB")
     assert "CPU experts: torch / int4_kgroup" in planned.stdout
     assert "expert backend torch" in planned.stderr

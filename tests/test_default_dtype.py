@@ -62,7 +62,7 @@ def test_the_server_in_the_default_dtype_replies_as_the_model_alone(serving, mon
             yield out
 
     monkeypatch.setattr(serving, "generate", recording)
-    model = serving.engine.runner.model
+    model = serving.thread.engine.runner.model
     assert model.model.lm_head.weight.dtype == torch.bfloat16
     messages = [{"role": "user", "content": "Tell me about the weather in Paris. " * 30}]
     prompt = serving.chat_prompt(messages, None, thinking=False)
@@ -72,5 +72,5 @@ def test_the_server_in_the_default_dtype_replies_as_the_model_alone(serving, mon
         r = client.chat.completions.create(model=serving.model_name, messages=messages, max_tokens=NEW,
                                            temperature=0, extra_body={"thinking": {"type": "disabled"}})
     assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(replies[0])
-    want, logits = model.generate(prompt, NEW, stop_ids=serving.engine.stop_ids, return_logits=True)
+    want, logits = model.generate(prompt, NEW, stop_ids=serving.thread.engine.stop_ids, return_logits=True)
     same_greedy(replies[0], want, logits)

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from hybrid import corpus, quality, training
 from hybrid.api import load_model
 from hybrid.default_model import EMBEDDED, SHAPE, resolve_model
-from hybrid.scheduler.placement import Placement
-from hybrid.scheduler.stats import ActivationStats
-from hybrid.experts import ExpertOptions
+from hybrid.experts.options import ExpertOptions
+from hybrid.offload.layout import Layout
+from hybrid.offload.stats import ActivationStats
 from hybrid.tokenizer import Tokenizer
 
 HYBRID = str(Path(sys.executable).with_name("hybrid"))
@@ -65,7 +65,7 @@ def held(tok):
 
 
 def fp32(folder):
-    return load_model(folder, Placement.on("cpu", experts=ExpertOptions(backend="torch")), dtype=torch.float32)
+    return load_model(folder, Layout.on("cpu", experts=ExpertOptions(backend="torch")), dtype=torch.float32)
 
 
 def test_the_default_is_the_embedded_model_in_kimis_format():

@@ -1,4 +1,4 @@
-"""The server under load, and at rest: bench/endurance.py's round (1,000 streamed requests, 64 at a
+"""The server under load, and at rest: bench.endurance's round (1,000 streamed requests, 64 at a
 time, a quarter of the clients leaving early) with its figures checked, and `hybrid serve` as a user
 starts it: what it prints, when, and the CPU it uses while idle."""
 
@@ -10,10 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import endurance
 from served import free_port
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-import endurance  # noqa: E402
 
 IDLE_CPU = 0.02  # of one core: a server with nothing to do must not poll or spin
 

@@ -18,9 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.experts import ExpertOptions, PackedInt4Experts, TorchExperts, cpu, make_backend
+from hybrid.experts import cpu
+from hybrid.experts.choice import make_backend
+from hybrid.experts.options import ExpertOptions
+from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
 from hybrid.quant import pack_int4
+from placement.cpu_probe import has
 
 E, H, I, K = 16, 256, 256, 4
 CHUNK = 64  # kt's max_len in these tests: 100 tokens need two tasks
@@ -88,7 +92,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def kt(weights: ExpertWeights, **kw):
-    from hybrid.experts.kt_backend import KTExperts
+    from hybrid.experts.kt.backend import KTExperts
 
     return KTExperts(weights, 1, max_len=CHUNK, **kw)
 
@@ -106,11 +110,11 @@ def only_kernel(monkeypatch, method: str, name: str) -> None:
     """Make kt-kernel's `name` the one kernel for `method` (skip where this build lacks it)."""
     from kt_kernel import kt_kernel_ext
 
-    from hybrid.experts import kt_backend
+    from hybrid.experts.kt import kernels
 
     if not hasattr(kt_kernel_ext.moe, name):
         pytest.skip(f"kt-kernel's {cpu.kt().variant} build has no {name}")
-    monkeypatch.setitem(kt_backend.CLASSES, method, (name,))
+    monkeypatch.setitem(kernels.CLASSES, method, (name,))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +190,7 @@ def test_cache_entries_are_whole_or_absent_on_every_cpu(tmp_path):
     leftovers are cleared before the next write."""
     import time
 
-    from hybrid.experts.kt_backend import CacheEntry
+    from hybrid.experts.kt.cache import CacheEntry
 
     key = {"kernel": "K", "weights": "abc"}
     entry = CacheEntry(tmp_path / "k" / "layer_1", key)
@@ -219,7 +223,7 @@ def test_kt_kernel_loads_where_it_should():
 @pytest.mark.parametrize("make", [int4_weights, float_weights])
 def test_row_slices_add_up_to_the_layer(make):
     """The split kt-kernel and the caller's core share: rows [0, r) plus rows [r, I) is the layer."""
-    from hybrid.experts.kt_backend import slice_rows
+    from hybrid.experts.kt.row_split import slice_rows
 
     weights, _ = make()
     x, ids, w = routes("positions", 7)
@@ -230,7 +234,7 @@ def test_row_slices_add_up_to_the_layer(make):
 
 @KT
 def test_one_core_is_not_shared(int4):
-    from hybrid.experts.kt_backend import share_rows
+    from hybrid.experts.kt.row_split import share_rows
 
     share = share_rows(2048, 64, "AMXInt4_KGroup_MOE", 1)
     assert share % 64 == 0 and 0 < share < 2048
@@ -255,7 +259,7 @@ def test_split_and_thread_placement(int4):
 
 @KT
 def test_make_backend_picks_kt_and_refuses_what_it_cannot_run(int4, caplog):
-    from hybrid.experts.kt_backend import KTExperts
+    from hybrid.experts.kt.backend import KTExperts
 
     assert isinstance(make_backend(int4[0], 1), KTExperts)
     with pytest.raises(ValueError, match="int4_kgroup"):
@@ -309,7 +313,7 @@ def _in_subprocess(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=120)
 
 
-@pytest.mark.skipif(not cpu.has("amx_tile", "amx_int8", "amx_bf16"), reason="this CPU lacks AMX")
+@pytest.mark.skipif(not has("amx_tile", "amx_int8", "amx_bf16"), reason="this CPU lacks AMX")
 def test_amx_build_runs_amx_kernels():
     """kt-kernel's `amx` build (AMX tiles) on an AMX CPU: INT8 from BF16 weights within bound."""
     run = _in_subprocess("""
@@ -325,7 +329,7 @@ def test_amx_build_runs_amx_kernels():
     assert float(run.stdout.split("ERR")[1]) <= 5e-2
 
 
-@pytest.mark.skipif(cpu.has("amx_tile") or cpu.kt().version is None, reason="this CPU has AMX (or no kt-kernel)")
+@pytest.mark.skipif(has("amx_tile") or cpu.kt().version is None, reason="this CPU has AMX (or no kt-kernel)")
 def test_amx_build_is_refused_without_amx():
     """Forcing the `amx` build on a CPU without AMX would die with SIGILL in its tile kernels."""
     run = _in_subprocess("from hybrid.experts import cpu; print(cpu.kt().reason)", KT_KERNEL_CPU_VARIANT="amx")
@@ -348,7 +352,7 @@ CHECK_PACKED = """
     import sys; sys.path.insert(0, "tests")
     import torch
     from test_experts import int4_weights, reference, routes, rel_err
-    from hybrid.experts import PackedInt4Experts
+    from hybrid.experts.torch_backend import PackedInt4Experts
     weights, dense = int4_weights()
     backend = PackedInt4Experts(weights)
     print("CAPABILITY", torch.backends.cpu.get_cpu_capability())
@@ -369,7 +373,7 @@ def test_packed_int4_is_right_at_every_torch_cpu_capability(capability):
     assert len(errors) == 3 and max(errors) <= 2e-2, errors
 
 
-@pytest.mark.skipif(cpu.kt().version is None or not cpu.has("avx2"), reason="needs kt-kernel and an AVX2 CPU")
+@pytest.mark.skipif(cpu.kt().version is None or not has("avx2"), reason="needs kt-kernel and an AVX2 CPU")
 @pytest.mark.parametrize("threads", [1, None])
 def test_kt_avx2_build_is_right(threads):
     """kt-kernel's `avx2` build, which AVX2-only CPUs load (any x86-64 CPU with AVX2 can run it):
@@ -405,10 +409,11 @@ def test_kt_threads_yield_to_torch_only_when_openmp_gives_the_cores_back(torch_f
         import os, hybrid, torch, sys
         sys.path.insert(0, "tests")
         from test_experts import int4_weights
-        from hybrid.experts.kt_backend import KTExperts, _threads
+        from hybrid.experts.kt.backend import KTExperts
+        from hybrid.experts.kt.pool import thread_names
         KTExperts(int4_weights()[0], 0)
         nice = [int(open(f"/proc/self/task/{{t}}/stat").read().rsplit(")", 1)[1].split()[16])
-                for t, name in _threads().items() if name.startswith("numa_")]
+                for t, name in thread_names().items() if name.startswith("numa_")]
         print("RESULT", hybrid.OPENMP_YIELDS, os.environ.get("GOMP_SPINCOUNT"), nice)
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -172,7 +172,7 @@ def test_fp8_cache_rounds_each_latent_to_e4m3_with_its_own_scales():
 
 def test_fp8_cache_keeps_greedy_decoding_close_to_full_precision(model):
     """Tiny preset, float32 model: the first token's logits (prefill reads the FP8 cache too) within a
-    few percent for most prompts, and the greedy tokens mostly the same (bench/kv_fp8.py measures mini)."""
+    few percent for most prompts, and the greedy tokens mostly the same (`python -m bench.kv_fp8` measures mini)."""
     g = torch.Generator().manual_seed(0)
     errors, first_same = [], 0
     for _ in range(8):
@@ -200,7 +200,7 @@ def test_a_served_request_longer_than_the_device_tier_decodes_as_with_a_large_on
     the rest in the host tier, against the module's server with every page on the device."""
     small = Serving.load(tiny_dir, dtype=torch.float32,
                          config=EngineConfig(kv_cache_tokens=16384, host_kv_tokens=16384 - 64))
-    assert small.engine.pages.device_pages == 4
+    assert small.thread.engine.pages.device_pages == 4
     text = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
     kw = dict(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=48, temperature=0,
               logprobs=True, extra_body={"thinking": {"type": "disabled"}})

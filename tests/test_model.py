@@ -4,17 +4,17 @@ import pytest
 import torch
 
 from hybrid.api import load_model as _load_model
-from hybrid.experts import ExpertOptions
+from hybrid.experts.options import ExpertOptions
 from hybrid.model.batch import ForwardBatch
 from hybrid.model.synthetic import write_checkpoint
-from hybrid.scheduler.placement import Placement
+from hybrid.offload.layout import Layout
 from reference import load_reference
 from conftest import VARIANTS
 
 
 def load_model(folder, dtype=torch.bfloat16):
     """The model with the portable torch expert backend, which computes in the model's dtype."""
-    return _load_model(folder, Placement.on("cpu", experts=ExpertOptions(backend="torch")), dtype=dtype)
+    return _load_model(folder, Layout.on("cpu", experts=ExpertOptions(backend="torch")), dtype=dtype)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from placement.model_spec import Arch, ModelSpec, ModelSpecError, checkpoint_tensors
+from placement.model_config import ConfigError
+from placement.model_spec import Arch, ModelSpec, checkpoint_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KIMI = FIXTURES / "kimi_k2_6_config.json"
@@ -59,12 +60,12 @@ def test_flat_config_with_null_q_lora_rank_uses_q_proj():
 def test_config_errors_name_the_key(tmp_path):
     cfg = json.loads(DEEPSEEK.read_text())
     del cfg["hidden_size"]
-    with pytest.raises(ModelSpecError, match="hidden_size"):
+    with pytest.raises(ConfigError, match="hidden_size"):
         Arch.from_dict(cfg)
     cfg = json.loads(DEEPSEEK.read_text()) | {"quantization_config": {"quant_method": "gptq"}}
-    with pytest.raises(ModelSpecError, match="gptq"):
+    with pytest.raises(ConfigError, match="gptq"):
         Arch.from_dict(cfg)
-    with pytest.raises(ModelSpecError, match="no such file"):
+    with pytest.raises(ConfigError, match="no such file"):
         Arch.from_config(tmp_path / "missing.json")
 
 

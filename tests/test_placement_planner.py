@@ -20,7 +20,7 @@ TINY = ModelSpec.from_arch(Arch.from_dict({
     "num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 16, "num_experts_per_tok": 4,
     "n_shared_experts": 1, "num_attention_heads": 4, "q_lora_rank": 96, "kv_lora_rank": 64,
     "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "max_position_embeddings": 131072,
-    "quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+    "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
         "g": {"weights": {"num_bits": 4, "strategy": "group", "group_size": 32}}}},
 }, "tiny"))
 XEON = dict(cores=64, numa=2, isa="amx")

@@ -6,7 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from hybrid.cli import app
-from hybrid.model.config import ModelConfig
+from placement.model_config import ModelConfig
 from hybrid.tokenizer import Tokenizer
 
 PROMPTS = ["What is the weather in Paris?", "Write a haiku about the sea.", "Sum 2 and 3."]

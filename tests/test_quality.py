@@ -1,6 +1,6 @@
 """Every runtime path keeps the held-out perplexity of the embedded (trained) model within the
 tolerance it documents (hybrid/quality.py), against the float32 path; on a short slice of the
-held-out text, so the check stays fast (bench/quality.py reads more)."""
+held-out text, so the check stays fast (`python -m bench.quality` reads more)."""
 
 import pytest
 

@@ -8,10 +8,10 @@ import torch
 import yaml
 
 from hybrid.api import load_model
-from hybrid.experts import ExpertOptions
+from hybrid.experts.options import ExpertOptions
 from hybrid.experts import cpu as cpu_facts
 from hybrid.model.synthetic import write_checkpoint
-from hybrid.scheduler.placement import Placement
+from hybrid.offload.layout import Layout
 from placement.hardware import detect
 from placement.model_spec import ModelSpec
 from placement.planner import plan
@@ -42,7 +42,7 @@ def test_tiny_model_follows_its_shipped_profile(tiny_dir):
                 assert cpu.name == "torch"
     assert model.settings.engine.kv_cache_tokens == profile.kv_cache.max_pages * profile.kv_cache.page_size
     ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
-    exact = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="torch")), dtype=torch.float32)
+    exact = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="torch")), dtype=torch.float32)
     want, got = exact.logits(ids), model.logits(ids).float()
     # bf16 against float32 on a random-weight model: routing flips at some positions (measured
     # 0.09 and 93% top-1 on a Zen 4 with kt-kernel); a wrong layer is off by far more

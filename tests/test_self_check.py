@@ -6,10 +6,12 @@ import logging
 import pytest
 import torch
 
-import hybrid.experts as experts
 from hybrid.api import load_model
-from hybrid.experts import ExpertOptions, TorchExperts, cpu, default_kernel, make_backend, self_check
-from hybrid.scheduler.placement import Placement
+from hybrid.experts import choice, cpu, self_check
+from hybrid.experts.choice import default_kernel, make_backend
+from hybrid.experts.options import ExpertOptions
+from hybrid.experts.torch_backend import TorchExperts
+from hybrid.offload.layout import Layout
 from test_experts import int4_weights, reference, rel_err, routes
 from test_model import prompt, rel
 
@@ -34,15 +36,15 @@ class Scrambled:
 @pytest.fixture
 def planted(monkeypatch):
     """The first candidate of every layer is wrong; verdicts and warnings start afresh."""
-    real = experts._candidates
+    real = choice._candidates
 
     def candidates(weights, *args):
         yield Scrambled(next(real(weights, *args)))
         yield from real(weights, *args)
 
-    monkeypatch.setattr(experts, "_candidates", candidates)
+    monkeypatch.setattr(choice, "_candidates", candidates)
     monkeypatch.setattr(self_check, "VERDICTS", {})
-    monkeypatch.setattr(experts, "_warned", set())
+    monkeypatch.setattr(choice, "_warned", set())
 
 
 def test_a_wrong_kernel_is_refused_once_with_its_name_cpu_and_error(planted, caplog):
@@ -62,7 +64,7 @@ def test_a_wrong_kernel_is_refused_once_with_its_name_cpu_and_error(planted, cap
 
 def test_the_model_answers_correctly_through_the_next_backend(planted, tiny_dir):
     ids = prompt(1280, 64)
-    exact = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="torch")),
+    exact = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="torch")),
                        dtype=torch.float32).logits(ids)
     model = load_model(tiny_dir)  # default path: bf16, auto backend
     assert all(not isinstance(layer.mlp.experts.cpu, Scrambled) for layer in model.model.model.layers

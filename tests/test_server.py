@@ -14,15 +14,14 @@ import torch
 
 from hybrid.engine import EngineConfig
 from hybrid.engine.constrained import OneToolCall
-from hybrid.server import openai_api
+from hybrid.server.metrics import Metrics
 from hybrid.server.serving import Serving
 from hybrid.tokenizer.specials import (IM_END, THINK_END, TOOL_CALL_ARGS, TOOL_CALL_BEGIN, TOOL_CALL_END,
                                        TOOL_CALLS_BEGIN, TOOL_CALLS_END)
 
-from conftest import KEY
+from conftest import HI, KEY, token_ids
 
 KV_TOKENS = 4096
-HI = [{"role": "user", "content": "Hello! What is the weather in Paris?"}]
 IMAGE_QUESTION = {"type": "text", "text": "What is in this picture?"}
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -33,24 +32,6 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "description
 @pytest.fixture(scope="module")
 def serving(tiny_dir):
     return Serving.load(tiny_dir, dtype=torch.float32, config=EngineConfig(kv_cache_tokens=KV_TOKENS))
-
-
-@pytest.fixture
-def script(monkeypatch, serving):
-    """Make the model write a given reply: a logits processor per request forces each token."""
-    def use(ids: list[int]):
-        def force(generated, row):
-            return torch.full_like(row, float("-inf")).index_fill_(0, torch.tensor([ids[len(generated)]]), 0.0)
-        sampling = openai_api._sampling
-        monkeypatch.setattr(openai_api, "_sampling", lambda body, max_tokens: [
-            p.__class__(**{**p.__dict__, "logits_processors": [force]}) for p in sampling(body, max_tokens)])
-    return use
-
-
-def ids_of(serving, *parts: str) -> list[int]:
-    """Special-token names as their ids, other text encoded."""
-    tok = serving.tokenizer
-    return [i for p in parts for i in ([tok.special[p]] if p in tok.special else tok.encode(p))]
 
 
 def metric(server, name: str) -> float:
@@ -97,21 +78,22 @@ def test_chat_plain_and_streamed_agree_with_the_tokenizer_counts(client, serving
     assert full.usage.completion_tokens == 16 or full.choices[0].finish_reason == "stop"
 
 
-def test_usage_counts_the_scripted_reply_and_its_reasoning(client, serving, script):
-    reply = ids_of(serving, "Let me think.", THINK_END, "Sunny.", IM_END)
-    script(reply)
+def test_usage_counts_the_scripted_reply_and_its_reasoning(client, serving, engine):
+    tok = serving.tokenizer
+    reply = token_ids(tok, "Let me think.", THINK_END, "Sunny.", IM_END)
+    engine.script(reply)
     r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=50)
     msg = r.choices[0].message
     assert (msg.reasoning_content, msg.reasoning, msg.content) == ("Let me think.", "Let me think.", "Sunny.")
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == len(reply)
-    assert r.usage.completion_tokens_details.reasoning_tokens == len(ids_of(serving, "Let me think.", THINK_END))
-    assert r.usage.prompt_tokens == len(serving.tokenizer.apply_chat_template(HI))
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(token_ids(tok, "Let me think.", THINK_END))
+    assert r.usage.prompt_tokens == len(tok.apply_chat_template(HI))
 
 
-def test_streamed_tool_calls(client, serving, script):
-    script(ids_of(serving, THINK_END, TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, "functions.get_weather:0", TOOL_CALL_ARGS,
-                  '{"city": "Paris"}', TOOL_CALL_END, TOOL_CALLS_END, IM_END))
+def test_streamed_tool_calls(client, serving, engine):
+    engine.script(token_ids(serving.tokenizer, THINK_END, TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, "functions.get_weather:0",
+                            TOOL_CALL_ARGS, '{"city": "Paris"}', TOOL_CALL_END, TOOL_CALLS_END, IM_END))
     chunks = list(client.chat.completions.create(model="tiny", messages=HI, tools=WEATHER, stream=True,
                                                  max_tokens=50))
     calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
@@ -258,9 +240,10 @@ def test_32_concurrent_streams_get_what_they_get_alone(server):
     assert took < 30
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_pages(client, server, serving, script):
-    script(ids_of(serving, "a") * 2000)  # a reply that would not end by itself
-    before, aborted = metric(server, "kv_pages_used"), serving.metrics.requests["abort"]
+def test_a_client_that_leaves_mid_stream_frees_its_pages(client, server, serving, engine):
+    engine.script(token_ids(serving.tokenizer, "a") * 2000)  # a reply that would not end by itself
+    aborted = serving.metrics.value("requests_total", finish_reason="abort")
+    before = metric(server, "kv_pages_used")
     stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2000, stream=True)
     for _ in zip(range(5), stream):
         pass
@@ -270,7 +253,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_pages(client, server, serving
     while metric(server, "kv_pages_used") != before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert metric(server, "kv_pages_used") == before
-    assert serving.metrics.requests["abort"] == aborted + 1
+    assert serving.metrics.value("requests_total", finish_reason="abort") == aborted + 1
 
 
 def test_prompt_longer_than_the_cache_is_a_400_and_the_server_keeps_serving(client):
@@ -352,7 +335,7 @@ def test_unknown_route_is_a_404_in_the_same_shape(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_metrics_exposes_the_serving_figures(server, client):
+def test_metrics_exposes_the_serving_figures(server, client, serving):
     client.chat.completions.create(model="tiny", messages=HI, max_tokens=3)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "prefix_cache_hit_tokens_total",
@@ -361,4 +344,10 @@ def test_metrics_exposes_the_serving_figures(server, client):
         assert f"hybrid_{name}" in text
     assert metric(server, "kv_pages_total") == KV_TOKENS // 16
     assert metric(server, "expert_wait_seconds_total") > 0 and metric(server, "forward_seconds_total") > 0
+    ttft = r'^hybrid_time_to_first_token_seconds_bucket\{le="[^"]+"\} (\S+)$'
+    buckets = [float(n) for n in re.findall(ttft, text, re.M)]
+    assert buckets == sorted(buckets) and buckets[-1] == metric(server, "time_to_first_token_seconds_count") > 0
+    other = Metrics(serving.thread.engine)  # a second server's metrics in this process: a registry of its own
+    assert other.value("requests_total") == 0 < serving.metrics.value("requests_total")
+    assert other.value("kv_pages_total") == KV_TOKENS // 16
 

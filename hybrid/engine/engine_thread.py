@@ -47,9 +47,17 @@ class EngineThread:
         self._inbox.put(None)
         self._thread.join()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_prompt(self, prompt_len: int) -> None:
+        """Raises PromptTooLong (or ValueError) for a prompt the engine cannot take."""
+        self.engine.check_prompt(prompt_len)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, request_id: str | None = None) -> str:
         """Queue a request; `sink` gets its outputs on the engine thread. Raises PromptTooLong here."""
-        self.engine.check_prompt(len(prompt_ids))
+        self.check_prompt(len(prompt_ids))
         request_id = request_id or uuid.uuid4().hex
         self._inbox.put((request_id, list(prompt_ids), params, sink))
         return request_id

@@ -1,5 +1,5 @@
 """What this CPU can run: instruction sets, which kt-kernel build loads and whether it can run
-here, the cores and NUMA nodes this process may use, and host memory.
+here, and the cores expert work runs on (from `placement.cpu_probe`, the one probe of the CPU).
 
 kt-kernel ships one extension per instruction set and picks one at import (`KT_KERNEL_CPU_VARIANT`
 overrides the choice). Its `AMX*_MOE` class names do not mean AMX: in the AVX-512 builds they are
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from placement.cpu_probe import cores_by_node, has, memory, model_name, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +31,6 @@ ISA = {"AMX": ("amx_tile", "amx_int8", "amx_bf16"), "AVX-512 BF16": ("avx512_bf1
        "AVX-512 VNNI": ("avx512_vnni",), "AVX-512": ("avx512f", "avx512bw"), "AVX2": ("avx2",)}
 
 
-@functools.cache
-def _cpuinfo(field: str) -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == field:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def flags() -> frozenset[str]:
-    return frozenset(_cpuinfo("flags").split())
-
-
-def has(*names: str) -> bool:
-    """Every flag present, under either spelling /proc/cpuinfo uses (avx512_vbmi is avx512vbmi)."""
-    return all(n in flags() or n.replace("_", "") in flags() for n in names)
-
-
 def isa() -> dict[str, bool]:
     """The instruction sets that matter for expert kernels, strongest first."""
     return {name: has(*need) for name, need in ISA.items()}
@@ -59,7 +39,7 @@ def isa() -> dict[str, bool]:
 def describe() -> str:
     """The CPU in a few words: its model and strongest instruction set."""
     best = next((name for name, ok in isa().items() if ok), "no AVX2")
-    return f"{_cpuinfo('model name') or 'unknown CPU'}, {best}"
+    return f"{model_name() or 'unknown CPU'}, {best}"
 
 
 def native_variant() -> str | None:
@@ -97,35 +77,6 @@ def kt() -> KtStatus:
     return KtStatus(version, variant, None)
 
 
-def usable_cpus() -> list[int]:
-    """Logical CPUs this process may run on."""
-    return sorted(os.sched_getaffinity(0))
-
-
-def _topology(cpu: int, name: str) -> int:
-    try:
-        return int(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/{name}").read_text())
-    except (OSError, ValueError):
-        return cpu if name == "core_id" else 0
-
-
-def node_of(cpu: int) -> int:
-    found = list(Path(f"/sys/devices/system/cpu/cpu{cpu}").glob("node[0-9]*"))
-    return int(found[0].name[4:]) if found else 0
-
-
-def cores_by_node() -> dict[int, list[int]]:
-    """One logical CPU per physical core this process may use, grouped by NUMA node. Expert
-    kernels are bound by memory and by vector units, which hyper-threads share."""
-    seen, nodes = set(), {}
-    for cpu in usable_cpus():
-        core = (_topology(cpu, "physical_package_id"), _topology(cpu, "core_id"))
-        if core not in seen:
-            seen.add(core)
-            nodes.setdefault(node_of(cpu), []).append(cpu)
-    return dict(sorted(nodes.items()))
-
-
 def expert_cores(threads: int | None = None) -> list[int]:
     """The cores expert work runs on: the first `threads` (default: all) usable physical cores,
     node by node."""
@@ -139,19 +90,11 @@ def expert_cores(threads: int | None = None) -> list[int]:
     return cores
 
 
-def memory() -> tuple[int, int]:
-    """Host memory in bytes: (total, available)."""
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return vm.total, vm.available
-
-
 def report() -> list[tuple[str, str]]:
     """What `hybrid doctor` shows: (item, value) rows."""
     status, nodes, cores = kt(), cores_by_node(), expert_cores()
     total, available = memory()
-    rows = [("CPU", _cpuinfo("model name") or "unknown")]
+    rows = [("CPU", model_name() or "unknown")]
     rows += [(name, "yes" if ok else "no") for name, ok in isa().items()]
     rows += [("kt-kernel", status.version or "not installed"),
              ("kt-kernel build", f"{status.variant or '-'} (best this CPU runs: {native_variant() or 'none'})"),

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid.model.batch import ForwardBatch
-from hybrid.model.config import ModelConfig
 from hybrid.model.kv_cache import KVCache
 from hybrid.model.norm import RMSNorm
 from hybrid.model.rope import Rope, apply_rope
+from placement.model_config import ModelConfig
 
 # Above this many new tokens per sequence, expanding the latents beats absorbing the weights.
 ABSORB_MAX_QUERIES = 16

@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from hybrid.errors import UserError
 from hybrid.experts.weights import ExpertWeights
-from hybrid.model.config import ModelConfig
 from hybrid.quant import dequantize_fp8_block, dequantize_int4
+from placement.model_config import ModelConfig
 
 
 class CheckpointError(UserError, ValueError):

@@ -13,11 +13,11 @@ from torch import nn
 from hybrid.experts.backend import ExpertBackend
 from hybrid.model.attention import MLA
 from hybrid.model.batch import ForwardBatch
-from hybrid.model.config import ModelConfig
 from hybrid.model.kv_cache import KVCache
 from hybrid.model.moe import MLP, MoE
 from hybrid.model.norm import RMSNorm
 from hybrid.model.rope import Rope
+from placement.model_config import ModelConfig
 
 
 class DecoderLayer(nn.Module):

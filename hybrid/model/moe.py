@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid.experts.backend import ExpertBackend
-from hybrid.model.config import ModelConfig
+from placement.model_config import ModelConfig
 
 
 class MLP(nn.Module):

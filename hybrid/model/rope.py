@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from hybrid.model.config import ModelConfig, yarn_mscale
+from placement.model_config import ModelConfig, yarn_mscale
 
 
 def inv_freq_and_scale(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from placement.atomic import atomic_dir
 from hybrid.model.checkpoint import tensor_shapes
-from hybrid.model.config import ModelConfig
 from hybrid.quant import quantize_fp8_block, quantize_int4
 from hybrid.tokenizer.vocab import write_tokenizer, write_vocabulary
+from placement.atomic import atomic_dir
+from placement.model_config import ModelConfig
 
 N_SPECIAL = 256
 

@@ -7,7 +7,7 @@ import contextlib
 import hmac
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from hybrid.server import anthropic_api, openai_api, responses_api
@@ -44,8 +44,7 @@ def create_app(serving: Serving, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(serving.metrics.render(serving.engine),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -1,4 +1,4 @@
-"""What every API's handlers share: the engine thread, the tokenizer, the served name, metrics;
+"""What every API's handlers share: the engine's thread, the tokenizer, the served name, metrics;
 rendering a conversation into prompt ids, holding a reply to what the request asks (a grammar, a
 thinking budget), and running a request with its metrics recorded."""
 
@@ -28,11 +28,11 @@ DISCONNECT_POLL_S = 0.1
 
 @dataclass
 class Serving:
-    thread: EngineThread  # runs `engine`; requests go through it
-    engine: Engine  # read for its limits and state, never stepped from here
+    thread: EngineThread  # owns the engine: requests and its limits go through it
     tokenizer: Tokenizer
     model_name: str
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics
+    summary: list[str]  # what is served and how (`hybrid serve` prints it as it starts)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -45,37 +45,8 @@ class Serving:
         folder = Path(folder)
         tokenizer = Tokenizer.from_pretrained(folder)
         engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)
-        return cls(EngineThread(engine).start(), engine, tokenizer, model_name or folder.name)
-
-    def summary(self) -> list[str]:
-        """What is served and how, in a few lines (`hybrid serve` prints them as it starts)."""
-        engine = self.engine
-        model, pages = engine.model, engine.pages
-        cfg, p = model.config, model.placement
-        quant = {"compressed-tensors": "int4", "fp8": "fp8"}.get(cfg.quant.method, "?") if cfg.quant else "bf16"
-        devices = sorted({p.embed, p.lm_head, *p.layers.values()})
-        hot = sum(len(ids) for ids in p.hot_experts.values())
-        kernels = sorted({f"{e.cpu.name}: {e.cpu.kernel}, {_threads(e.cpu)}" for e in model.moe_experts()})
-        lines = [
-            f"model: {self.model_name} ({model.folder}): {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "
-            f"routed experts of which {cfg.num_experts_per_tok} per token ({quant}), computing in "
-            f"{str(model.dtype).removeprefix('torch.')}",
-            f"placement: dense layers, attention and KV cache on {', '.join(devices)}; routed experts on the CPU"
-            + (f", {hot:,} of them on GPUs" if hot else "")
-            + (f"; prompts of {p.stream_threshold:,}+ tokens stream experts to the GPU" if p.stream_threshold else ""),
-            *(f"CPU experts: {k}" for k in kernels),
-            f"CPU dense projections: {model.dense_kernel}",
-            f"context: {engine.max_model_len:,} tokens per request; KV cache {pages.num_pages * pages.page_size:,} "
-            f"tokens ({pages.num_pages:,} pages of {pages.page_size}, {engine.config.kv_dtype}"
-            + (f", {(pages.num_pages - pages.device_pages) * pages.page_size:,} tokens in host RAM"
-               if pages.device_pages < pages.num_pages else "")
-            + f"), up to {engine.config.max_running} requests "
-            f"at once, {engine.config.max_batch_tokens:,} tokens per step",
-            "thinking: on by default for /v1/chat/completions (Moonshot's default for Kimi; send \"thinking\": "
-            "{\"type\": \"disabled\"} to turn it off), off for /v1/messages unless the request sends \"thinking\" "
-            "(Anthropic's default)",
-        ]
-        return lines
+        name = model_name or folder.name
+        return cls(EngineThread(engine).start(), tokenizer, name, Metrics(engine), summary(engine, name))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -108,7 +79,7 @@ class Serving:
 
     def hold(self, params: SamplingParams, grammar: str, param: str, prompt_len: int) -> None:
         """Hold the reply to `grammar` within its token budget; a 400 naming `param` if it cannot be."""
-        room = self.engine.max_model_len - prompt_len
+        room = self.thread.max_model_len - prompt_len
         try:
             processor = GrammarProcessor(self.tokenizer, grammar, min(params.max_tokens or room, room))
         except GrammarError as e:
@@ -118,7 +89,7 @@ class Serving:
     def check_prompt(self, prompt_ids: list[int], param: str = "messages") -> None:
         """A prompt that cannot fit is the client's error (400), found before any response starts."""
         try:
-            self.engine.check_prompt(len(prompt_ids))
+            self.thread.check_prompt(len(prompt_ids))
         except PromptTooLong as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
@@ -138,18 +109,47 @@ class Serving:
                 if out.token_ids:
                     (m.ttft if last is None else m.itl).observe(now - (last or start))
                     last = now
-                    m.generation_tokens += len(out.token_ids)
+                    m.generation_tokens.inc(len(out.token_ids))
                 if out.finished:
                     reason = out.finish_reason
-                    m.prompt_tokens += out.num_prompt_tokens
-                    m.cached_tokens += out.num_cached_tokens
+                    m.prompt_tokens.inc(out.num_prompt_tokens)
+                    m.cached_tokens.inc(out.num_cached_tokens)
                     if reason == "error":
                         raise APIError(500, out.error or "the engine failed")
                     if reason == "shutdown":
                         raise APIError(503, out.error or "the server is shutting down")
                 yield out
         finally:
-            m.requests[reason] += 1
+            m.requests.labels(reason).inc()
+
+
+def summary(engine: Engine, model_name: str) -> list[str]:
+    """What is served and how, in a few lines."""
+    model, pages = engine.model, engine.pages
+    cfg, p = model.config, model.layout
+    quant = {"compressed-tensors": "int4", "fp8": "fp8"}.get(cfg.quant.method, "?") if cfg.quant else "bf16"
+    devices = sorted({p.embed, p.lm_head, *p.layers.values()})
+    hot = sum(len(ids) for ids in p.hot_experts.values())
+    kernels = sorted({f"{e.cpu.name}: {e.cpu.kernel}, {_threads(e.cpu)}" for e in model.moe_experts()})
+    return [
+        f"model: {model_name} ({model.folder}): {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "
+        f"routed experts of which {cfg.num_experts_per_tok} per token ({quant}), computing in "
+        f"{str(model.dtype).removeprefix('torch.')}",
+        f"placement: dense layers, attention and KV cache on {', '.join(devices)}; routed experts on the CPU"
+        + (f", {hot:,} of them on GPUs" if hot else "")
+        + (f"; prompts of {p.stream_threshold:,}+ tokens stream experts to the GPU" if p.stream_threshold else ""),
+        *(f"CPU experts: {k}" for k in kernels),
+        f"CPU dense projections: {model.dense_kernel}",
+        f"context: {engine.max_model_len:,} tokens per request; KV cache {pages.num_pages * pages.page_size:,} "
+        f"tokens ({pages.num_pages:,} pages of {pages.page_size}, {engine.config.kv_dtype}"
+        + (f", {(pages.num_pages - pages.device_pages) * pages.page_size:,} tokens in host RAM"
+           if pages.device_pages < pages.num_pages else "")
+        + f"), up to {engine.config.max_running} requests "
+        f"at once, {engine.config.max_batch_tokens:,} tokens per step",
+        "thinking: on by default for /v1/chat/completions (Moonshot's default for Kimi; send \"thinking\": "
+        "{\"type\": \"disabled\"} to turn it off), off for /v1/messages unless the request sends \"thinking\" "
+        "(Anthropic's default)",
+    ]
 
 
 def _threads(backend) -> str:

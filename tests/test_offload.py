@@ -1,4 +1,4 @@
-"""The prefetch scheduler on the CPU (the GPU's role played by the CPU): its overlapped, split,
+"""Expert offload on the CPU (the GPU's role played by the CPU): its overlapped, split,
 deferred and streamed paths against the plain path, on the tiny preset."""
 
 import json
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.api import load_model
-from hybrid.experts import ExpertOptions
-from hybrid.scheduler.placement import Placement
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.experts.options import ExpertOptions
+from hybrid.offload.layout import Layout
+from hybrid.offload.stats import ActivationStats
 
 TORCH = ExpertOptions(backend="torch")
 
@@ -26,7 +26,7 @@ def ids():
 
 @pytest.fixture(scope="module")
 def plain(tiny_dir, ids):
-    model = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32)
+    model = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
     tokens, logits = model.generate(ids, 24, return_logits=True)
     return model, tokens, logits
 
@@ -40,8 +40,8 @@ def hot(cfg, share: float) -> dict[int, list[int]]:
 @pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
 def test_hot_experts_give_the_plain_tokens_and_logits(tiny_dir, ids, plain, share):
     model, tokens, logits = plain
-    placement = Placement.on("cpu", experts=TORCH, hot_experts=hot(model.config, share))
-    split = load_model(tiny_dir, placement, dtype=torch.float32)
+    layout = Layout.on("cpu", experts=TORCH, hot_experts=hot(model.config, share))
+    split = load_model(tiny_dir, layout, dtype=torch.float32)
     moe = split.model.model.layers[-1].mlp.experts
     assert (moe.hot is not None) == (share > 0)
     got, got_logits = split.generate(ids, 24, return_logits=True)
@@ -54,7 +54,7 @@ def test_deferral_moves_the_lowest_weight_expert_to_the_next_layer(tiny_dir):
     output, so A + B is unchanged while A alone lost its lowest-weight expert."""
     from hybrid.experts.torch_backend import TorchExperts
     from hybrid.model.checkpoint import Checkpoint
-    from hybrid.scheduler.hybrid_experts import Deferred, HybridExperts
+    from hybrid.offload.hybrid_experts import Deferred, HybridExperts
 
     ckpt = Checkpoint(tiny_dir)
     weights = ckpt.experts(1, torch.float32)
@@ -112,12 +112,12 @@ def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain
     from hybrid.experts.torch_backend import TorchExperts
     from hybrid.model.checkpoint import Checkpoint
 
-    deferred = load_model(tiny_dir, Placement.on("cpu", experts=TORCH, defer=1), dtype=torch.float32)
+    deferred = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, defer=1), dtype=torch.float32)
     first, last = (deferred.model.model.layers[i].mlp.experts for i in deferred.config.moe_layers)
     assert (first.defer, first.carry_in, last.defer, last.carry_out) == (1, None, 0, None)
     assert first.carry_out is last.carry_in is not None
 
-    by_hand = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32)
+    by_hand = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
     ckpt, carry = Checkpoint(tiny_dir), []
     for i in by_hand.config.moe_layers:
         by_hand.model.model.layers[i].mlp.experts = DeferredByHand(
@@ -130,7 +130,7 @@ def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain
 
 def test_streamed_prefill_equals_cpu_prefill(tiny_dir, ids, plain):
     model, tokens, logits = plain
-    streamed = load_model(tiny_dir, Placement.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
+    streamed = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
     moe = streamed.model.model.layers[1].mlp.experts
     assert moe.streaming(48) and not moe.streaming(1)
     assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
@@ -145,8 +145,8 @@ def test_streamed_prefill_reuses_its_staging_slots_over_three_moe_layers(models_
 
     folder = write_checkpoint(models_dir / "tiny_4_layers", seed=3, num_hidden_layers=4)
     ids = torch.randint(0, 1280, (40,), generator=torch.Generator().manual_seed(9))
-    plain = load_model(folder, Placement.on("cpu", experts=TORCH), dtype=torch.float32)
-    streamed = load_model(folder, Placement.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
+    plain = load_model(folder, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
+    streamed = load_model(folder, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
     moes = [streamed.model.model.layers[i].mlp.experts for i in streamed.config.moe_layers]
     assert len(moes) == 3 and all(m.streaming(40) for m in moes) and len({id(m.streamer) for m in moes}) == 1
     assert rel(streamed.logits(ids), plain.logits(ids)) <= 1e-5
@@ -160,9 +160,9 @@ def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
     the same logits, and the staging slots hold exactly the two experts the buffer was given."""
     model, _, _ = plain
     per_expert = model.moe_experts()[0].cpu.weights.nbytes() // model.config.n_routed_experts
-    placement = Placement.on("cpu", experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
+    layout = Layout.on("cpu", experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
                              stream_buffer={"cpu": 2 * per_expert + per_expert // 2})
-    streamed = load_model(tiny_dir, placement, dtype=torch.float32)
+    streamed = load_model(tiny_dir, layout, dtype=torch.float32)
     streamer = streamed.moe_experts()[0].streamer
     assert streamer.nbytes() == 0  # nothing staged before a prompt streams
     assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
@@ -173,7 +173,7 @@ def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
 
 def test_stats_count_every_routed_slot(tiny_dir, ids, tmp_path):
     stats = ActivationStats(16)
-    model = load_model(tiny_dir, Placement.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)
+    model = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)
     model.logits(ids)
     data = stats.to_json()["layers"]
     k = model.config.num_experts_per_tok
@@ -196,9 +196,9 @@ def test_kt_backend_end_to_end_agrees_with_torch(tiny_dir):
     if cpu.kt().reason is not None:
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
     ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
-    kt = load_model(tiny_dir, Placement.on("cpu", experts=ExpertOptions(backend="kt")))
+    kt = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="kt")))
     assert kt.model.model.layers[1].mlp.experts.cpu.name == "kt"
-    plain = load_model(tiny_dir, Placement.on("cpu", experts=TORCH))
+    plain = load_model(tiny_dir, Layout.on("cpu", experts=TORCH))
     ckpt = Checkpoint(tiny_dir)
     for i in plain.config.moe_layers:
         plain.model.model.layers[i].mlp.experts.cpu = TorchExperts(ckpt.experts(i, torch.bfloat16), torch.bfloat16)

@@ -1,21 +1,23 @@
-"""Typed model configuration, read from a checkpoint's `config.json`.
+"""Typed model configuration: the one reader of a checkpoint's `config.json`.
 
 Covers `deepseek_v3` and `kimi_k2`, flat or nested under `text_config` (Kimi K2.5/K2.6, whose
 text tensors carry a `language_model.` prefix). Every value the math needs comes from the file;
-anything we do not implement is refused with the key, the value and what is supported.
+anything we do not implement is refused with the key, the value and what is supported. The
+planner sizes a model from it (`model_spec.Arch`) and the runtime builds the model from it, so
+what one accepts the other can run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid.errors import UserError
+from placement.errors import PlacementError
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(PlacementError):
     """A config.json we cannot run, with the key at fault."""
 
 
@@ -76,7 +78,7 @@ class ModelConfig:
     eos_token_id: int | None = None
     quant: QuantConfig | None = None
     tensor_prefix: str = ""  # "language_model." for K2.5/K2.6 multimodal checkpoints
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
+    nextn_layers: int = 0  # multi-token-prediction layers stored after the decoder (not run)
 
     @property
     def qk_head_dim(self) -> int:
@@ -110,13 +112,17 @@ class ModelConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json") from None
+            raise ConfigError(f"{path}: no such file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: not a JSON object")
         prefix = ""
         text = data
         if isinstance(data.get("text_config"), dict):
@@ -157,7 +163,7 @@ def _check(cond: bool, source: str, key: str, value, supported: str) -> None:
         raise ConfigError(f"{source}: unsupported {key} = {value!r}; supported: {supported}")
 
 
-def _parse(d: dict, quant: dict | None, prefix: str, source: str, raw: dict) -> ModelConfig:
+def _parse(d: dict, quant: dict | None, prefix: str, source: str, outer: dict) -> ModelConfig:
     mt = d.get("model_type", "deepseek_v3")
     _check(mt in SUPPORTED_MODEL_TYPES, source, "model_type", mt, ", ".join(SUPPORTED_MODEL_TYPES))
     scoring = d.get("scoring_func", "sigmoid")
@@ -208,14 +214,14 @@ def _parse(d: dict, quant: dict | None, prefix: str, source: str, raw: dict) -> 
         rope_theta=_num(float, d, "rope_theta", source, 10000.0),
         max_position_embeddings=_num(int, d, "max_position_embeddings", source, 4096),
         rope_scaling=_parse_rope_scaling(d.get("rope_scaling"), source),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", outer.get("tie_word_embeddings", False))),
         model_type=mt,
         torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
         quant=_parse_quant(quant, source),
         tensor_prefix=prefix,
-        raw=raw,
+        nextn_layers=_num(int, d, "num_nextn_predict_layers", source, 0),
     )
 
 

@@ -1,8 +1,9 @@
 """What runs where, in the runtime's terms, and the per-layer expert executors built from it.
 
-A `Placement` is made from a placement Profile by `hybrid.settings` (the normal case) or given
-directly (tests, and a machine with no profile: everything on one device). The runtime makes no placement decision
-of its own: every device, hot expert, threshold and thread count below comes from here.
+A `Layout` is made from a placement Profile by `hybrid.settings` (the normal case) or given
+directly (tests, and a machine with no profile: everything on one device). The runtime makes no
+placement decision of its own: every device, hot expert, threshold and thread count below comes
+from here.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid.experts import ExpertOptions, make_backend
+from hybrid.experts.choice import make_backend
+from hybrid.experts.options import ExpertOptions
 from hybrid.experts.weights import ExpertWeights
-from hybrid.model.config import ModelConfig
-from hybrid.scheduler.device_experts import DeviceExperts
-from hybrid.scheduler.hybrid_experts import Deferred, HybridExperts
-from hybrid.scheduler.prefill_stream import ExpertStreamer
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.offload.device_experts import DeviceExperts
+from hybrid.offload.hybrid_experts import Deferred, HybridExperts
+from hybrid.offload.prefill_stream import ExpertStreamer
+from hybrid.offload.stats import ActivationStats
 from placement.memory import STREAM_GROUP
+from placement.model_config import ModelConfig
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
-class Placement:
+class Layout:
     embed: str = "cpu"
     lm_head: str = "cpu"
     layers: dict[int, str] = field(default_factory=dict)  # layer -> device of attention, router, shared, dense
@@ -36,7 +38,7 @@ class Placement:
     defer: int = 0
 
     @classmethod
-    def on(cls, device: str = "cpu", **kw) -> "Placement":
+    def on(cls, device: str = "cpu", **kw) -> "Layout":
         """Every dense module on `device`, routed experts on the CPU backend."""
         return cls(embed=device, lm_head=device, **kw)
 
@@ -55,9 +57,9 @@ class ExpertBuilder:
     """Makes each MoE layer's executor as the loader reaches it, wiring the layers together
     (deferral hands results from one MoE layer to the next; streaming shares one staging area)."""
 
-    def __init__(self, placement: Placement, cfg: ModelConfig, dtype: torch.dtype,
+    def __init__(self, layout: Layout, cfg: ModelConfig, dtype: torch.dtype,
                  stats: ActivationStats | None = None):
-        self.p, self.cfg, self.dtype, self.stats = placement, cfg, dtype, stats
+        self.p, self.cfg, self.dtype, self.stats = layout, cfg, dtype, stats
         self.streamers: dict[torch.device, ExpertStreamer] = {}
         self.carry: Deferred | None = None
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from hybrid.experts.backend import ExpertBackend
-from hybrid.scheduler.device_experts import DeviceExperts
-from hybrid.scheduler.prefill_stream import ExpertStreamer
-from hybrid.scheduler.stats import ActivationStats
+from hybrid.offload.device_experts import DeviceExperts
+from hybrid.offload.prefill_stream import ExpertStreamer
+from hybrid.offload.stats import ActivationStats
 
 
 @dataclass
