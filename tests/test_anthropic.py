@@ -23,7 +23,7 @@ from conftest import HI, KEY, sse_events, token_ids
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                              "unit": {"enum": ["C", "F"]}},
-                            "required": ["city", "unit"]}}
+                            "required": ["city", "unit"], "additionalProperties": False}}
 CLAUDE_CODE = Path(__file__).parent / "fixtures" / "claude_code_request.json"
 RAW_EVENTS = {"message_start", "message_delta", "message_stop", "content_block_start", "content_block_delta",
               "content_block_stop", "ping", "error"}
@@ -158,6 +158,26 @@ def test_scripted_tool_calls_get_client_ids_numbered_over_the_conversation(clien
     assert block.id.startswith("toolu_") and block.id != "call_9"
     final, events = stream(client, model="m", max_tokens=64, tools=[WEATHER], messages=history)
     assert final.content[0].id == block.id and final.content[0].input == block.input
+
+
+def test_a_number_beyond_float_range_goes_out_as_the_model_wrote_it(server, serving, engine):
+    """`1e999` is valid JSON that no double holds: re-encoding it would send `Infinity` (not JSON)
+    or null. Both the message and the stream carry the model's own text, and parse as standard JSON."""
+    args = '{"city": "Oslo", "unit": "C", "days": 1e999}'
+    call = token_ids(serving.tokenizer, "<|tool_calls_section_begin|>", "<|tool_call_begin|>",
+                     "functions.get_weather:0", "<|tool_call_argument_begin|>", args, "<|tool_call_end|>",
+                     "<|tool_calls_section_end|>", IM_END)
+    body = {"model": "m", "max_tokens": 64, "tools": [WEATHER], "messages": HI}
+    strict = dict(parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    for stream_ in (False, True):
+        engine.script(call)
+        r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": KEY}, json={**body, "stream": stream_})
+        assert r.status_code == 200 and "1e999" in r.text
+        if stream_:
+            [partial] = [e["delta"]["partial_json"] for e in sse_events(r.text) if e["type"] == "content_block_delta"]
+            assert json.loads(partial, **strict)["days"] == float("inf") and "1e999" in partial
+        else:
+            assert json.loads(r.text, **strict)["content"][0]["input"]["days"] == float("inf")
 
 
 def test_raw_stream_of_thinking_text_and_a_call_builds_the_plain_message(server, serving, engine):
