@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 from hybrid.cli import app
 from placement.emit import llamacpp, sglang
+from placement.memory import usage
+from placement.model_spec import ModelSpec
 from placement.profile import Profile
 
 ROOT = Path(__file__).parent.parent
@@ -36,6 +38,61 @@ def test_shipped_profile_validates_and_replans_to_the_same_placement(shipped):
     assert loaded.problems() == []
     assert GENERATE.replan(shipped, SPECS).model_dump() == loaded.model_dump()
     assert loaded.to_yaml().splitlines()[0] == "version: 1"
+
+
+def gpu_bytes_by_hand(p: Profile, device: str) -> int:
+    """What `device` holds under profile `p`, counted from the architecture alone: bf16 weights
+    (FP8 checkpoints: a byte a value, an fp32 scale per 128 x 128 block) for the attention, shared
+    and dense layers and the lm_head; the router in fp32 with its fp32 bias; each GPU expert as
+    stored (INT4: 4 bits a value, a bf16 scale per 32, an int32[2] shape; FP8 as above); the
+    latent cache's device tokens of every layer attended there."""
+    m = p.model
+    h, heads, fp8 = m.hidden_size, m.num_attention_heads, m.quant == "fp8"
+
+    def linear(out: int, inp: int, fmt: str = "fp8" if fp8 else "bf16") -> int:
+        if fmt == "int4":
+            return out * inp // 2 + out * inp // 32 * 2 + 8
+        return out * inp + -(-out // 128) * -(-inp // 128) * 4 if fmt == "fp8" else 2 * out * inp
+
+    def mlp(inter: int, fmt: str | None = None) -> int:
+        return sum(linear(o, n, *([fmt] if fmt else [])) for o, n in ((inter, h), (inter, h), (h, inter)))
+
+    attention = (2 * (2 * h + m.q_lora_rank + m.kv_lora_rank) + linear(m.q_lora_rank, h)
+                 + linear(heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.q_lora_rank)
+                 + linear(m.kv_lora_rank + m.qk_rope_head_dim, h)
+                 + linear(heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+                 + linear(h, heads * m.v_head_dim))
+    kv_token = (m.kv_lora_rank + m.qk_rope_head_dim) * (1 if p.kv_cache.dtype == "fp8" else 2)
+    total = (m.vocab_size * h * 2 + h * 2) * (p.devices.lm_head == device)
+    total += m.vocab_size * h * 2 * (p.devices.embed == device)
+    for layer in range(m.num_hidden_layers):
+        moe = layer >= m.first_k_dense_replace
+        if p.device_of("attention", layer) == device:
+            total += attention + p.kv_cache.device_tokens * kv_token
+        if not moe:
+            total += mlp(m.intermediate_size) * (p.device_of("dense", layer) == device)
+            continue
+        total += mlp(m.moe_intermediate_size * m.n_shared_experts) * (p.device_of("shared", layer) == device)
+        if p.device_of("router", layer) == device:
+            total += m.n_routed_experts * (h * 4 + 4)
+            total += len(p.gpu_experts_of(layer)) * mlp(m.moe_intermediate_size, "int4" if m.quant == "int4" else None)
+    return total
+
+
+@pytest.mark.parametrize("shipped", GENERATE.SHIPPED, ids=lambda s: s.file)
+def test_shipped_profile_fits_each_gpu_by_a_count_made_by_hand(shipped):
+    """Independent of the planner: each GPU's weights, experts and cache counted from the
+    architecture equal the planner's accounting and, with the 1 GiB CUDA reserve and the
+    prefill stream buffer, fit the GPU."""
+    p = Profile.load(ROOT / "profiles" / shipped.file)
+    use = usage(p, ModelSpec.from_arch(p.model))
+    for i, gpu in enumerate(p.hardware.gpus):
+        device = f"cuda:{i}"
+        by_hand = gpu_bytes_by_hand(p, device)
+        assert by_hand > 0
+        assert use[device].weights + use[device].experts + use[device].kv == by_hand, device
+        stream = p.prefill.stream_buffer_mib.get(device, 0) << 20
+        assert by_hand + (1 << 30) + stream <= gpu.memory_gib * (1 << 30), device
 
 
 def test_shipped_kimi_profile_matches_its_checkpoint_config():
