@@ -47,9 +47,14 @@ def _place(tid: int, core: int, idle: bool = False, nice: int = 0) -> None:
 
 
 def thread_names() -> dict[int, str]:
-    """This process's threads: id -> name."""
-    task = Path("/proc/self/task")
-    return {int(t.name): (t / "comm").read_text().strip() for t in task.iterdir()}
+    """This process's threads: id -> name (a thread that ends while being listed is left out)."""
+    names = {}
+    for t in Path("/proc/self/task").iterdir():
+        try:
+            names[int(t.name)] = (t / "comm").read_text().strip()
+        except FileNotFoundError:
+            pass
+    return names
 
 
 class Pool:
