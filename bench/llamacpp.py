@@ -171,8 +171,8 @@ def figures(gguf_path: str | Path, context: int = 128, prompt: int = 2048, strea
                 pos += 1
 
             many = best_seconds(batched, 3)
-    return {"threads": threads, "n_ubatch": UBATCH, "context": context, "prompt": prompt, "streams": streams,
-            "decode_ms": round(decode * 1e3, 3), "prefill_ms": round(prefill * 1e3, 3),
+    return {"threads": threads, "n_ubatch": min(prompt, UBATCH), "context": context, "prompt": prompt,
+            "streams": streams, "decode_ms": round(decode * 1e3, 3), "prefill_ms": round(prefill * 1e3, 3),
             "batched_ms": round(many * 1e3, 3), "decode_tok_s": round(1 / decode, 2),
             "prefill_tok_s": round(prompt / prefill, 2), "batched_tok_s": round(streams / many, 2)}
 
@@ -204,7 +204,7 @@ def main() -> None:
     for col in ("measure", "ms", "tok/s"):
         t.add_column(col, justify="left" if col == "measure" else "right")
     t.add_row(f"decode step, context {args.context}", f"{f['decode_ms']:,.2f}", f"{f['decode_tok_s']:,.1f}")
-    t.add_row(f"prefill of {args.prompt} tokens (n_ubatch {UBATCH})", f"{f['prefill_ms']:,.1f}",
+    t.add_row(f"prefill of {args.prompt} tokens (n_ubatch {f['n_ubatch']})", f"{f['prefill_ms']:,.1f}",
               f"{f['prefill_tok_s']:,.1f}")
     t.add_row(f"decode step of {args.streams} streams", f"{f['batched_ms']:,.2f}", f"{f['batched_tok_s']:,.1f}")
     a = Table(title=f"logits beside logits, {agree['tokens']} positions of random token ids")
