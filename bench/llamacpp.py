@@ -117,8 +117,8 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 def agreement(gguf_path: str | Path, folder: str | Path, tokens: int = 32, threads: int = 2) -> dict:
     """llama.cpp's logits beside the runtime's (`load_model(folder)`) on the same random token ids:
     beside the runtime in float32 (the stored weights computed exactly: the reference) and in bf16
-    (its default), and, for scale, the runtime's bf16 beside its float32. A random model amplifies
-    rounding a thousandfold at a few positions (a near-tied expert or key there), where any two
+    (its default), and, for scale, the runtime's bf16 beside its float32. A random model carries
+    rounding a thousand times further at a few positions than at the rest, and there any two
     precisions part: the median says whether the transforms are right, the worst how far rounding
     is carried at those positions."""
     from hybrid.api import load_model
