@@ -9,13 +9,15 @@ Floors: decode = bytes each part reads per token, as held, / host read bandwidth
 runtime can use here (hybrid/measure.py). The baseline is the same model with its dense
 projections on torch's own bf16 matmul (`load_model(dense="torch")`); routed experts run on the
 default backend in both. Batched decode: one step of `streams` sequences at once, each at the
-same context, beside the single-stream step.
+same context, beside the single-stream step. Where llama-cpp-python is installed (the `bench`
+extra), llama.cpp runs the same weights in the same run (bench/llamacpp.py), beside the runtime.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import time
 from pathlib import Path
 
@@ -26,7 +28,9 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench import llamacpp  # noqa: E402
 from bench.common import markdown, save  # noqa: E402
+from bench.gguf_export import cached  # noqa: E402
 from hybrid.api import HybridModel, load_model  # noqa: E402
 from hybrid.default_model import preset_model  # noqa: E402
 from hybrid.experts import cpu  # noqa: E402
@@ -109,6 +113,13 @@ def main() -> None:
     for name, dense in (("baseline", "torch"), ("runtime", fastest())):
         runs[name] = run(folder, dense, args, console)
         bws.append(host_gbps())
+    llama = None
+    if importlib.util.find_spec("llama_cpp"):
+        path = cached(folder, say=console.print)
+        with console.status("llama.cpp on the same weights: decode step, prefill, batched decode step"):
+            llama = llamacpp.figures(path, args.context, args.prompt, args.streams, torch.get_num_threads())
+    else:
+        console.print("llama.cpp is not installed (pip install -e '.[bench]'): no llama.cpp figures in this run")
     # the floors take the best rates seen in the run (the lowest floors): this VM's bandwidth varies
     bw, peak = max(bws), max(gemm.values())
     console.print(f"host read {', '.join(f'{b:.1f}' for b in bws)} GB/s (floor: {bw:.1f}); GEMM peaks "
@@ -130,6 +141,16 @@ def main() -> None:
                         f"{args.streams * one / many:.2f}", f"{r['batched']['floor_total_ms']:,.1f}",
                         f"{many / r['batched']['floor_total_ms']:.2f}")
     tables.append(batched)
+    if llama:
+        t = Table(title=f"llama.cpp on the same weights ({llama['threads']} threads, n_ubatch {llama['n_ubatch']})")
+        for col in ("", "llama.cpp ms", "runtime ms", "llama.cpp / runtime"):
+            t.add_column(col, justify="right")
+        for name, ms, ours in (("decode step", llama["decode_ms"], fast["decode"]["total_ms"]),
+                               ("prefill", llama["prefill_ms"], fast["prefill"]["total_ms"]),
+                               (f"decode step of {args.streams} streams", llama["batched_ms"],
+                                fast["batched"]["total_ms"])):
+            t.add_row(name, f"{ms:,.1f}", f"{ours:,.1f}", f"{ms / ours:.2f}")
+        tables.append(t)
     for t in tables:
         console.print(t)
     figures = {"preset": args.preset, "context": args.context, "prompt": args.prompt, "streams": args.streams,
@@ -137,7 +158,7 @@ def main() -> None:
                "gemm_tflops": {k: round(v, 4) for k, v in gemm.items()}, "cpu": cpu.describe(),
                "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
                "baseline": base, "runtime": fast, "decode_tok_s": round(1e3 / single, 2),
-               "prefill_tok_s": round(args.prompt * 1e3 / fast["prefill"]["total_ms"], 2)}
+               "prefill_tok_s": round(args.prompt * 1e3 / fast["prefill"]["total_ms"], 2), "llamacpp": llama}
     md = (f"{cpu.describe()}; torch threads {torch.get_num_threads()}; host read "
           f"{', '.join(f'{b:.1f}' for b in bws)} GB/s (floors at {bw:.1f}); GEMM peaks "
           + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + " TFLOP/s\n\n")
