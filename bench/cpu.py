@@ -67,7 +67,7 @@ def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdo
     prefill.floor = breakdown.prefill_floor(hm, args.prompt, 1.0)
     many = breakdown.Breakdown("batched decode", args.streams, {"total": batched},
                                breakdown.decode_floor(hm, args.context, 1.0, args.streams))
-    experts = next(layer.mlp.experts for layer in hm.model.model.layers if hasattr(layer.mlp, "experts"))
+    experts = hm.moe_experts()[0]
     kernels = {"dense": hm.dense_kernel, "experts": getattr(experts, "cpu", experts).kernel}
     del hm
     gc.collect()

@@ -28,7 +28,7 @@ m = load_model(sys.argv[1])
 wall = time.perf_counter() - t
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # kB, this process only
 print(json.dumps({"wall_s": wall, "peak_rss": hwm * 1024,
-                  "experts": m.model.model.layers[-1].mlp.experts.cpu.name}))
+                  "experts": m.moe_experts()[-1].cpu.name}))
 """
 
 

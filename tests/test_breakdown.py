@@ -27,8 +27,7 @@ def test_decode_floor_counts_the_bytes_each_part_reads(tiny):
     lm_head = cfg.vocab_size * cfg.hidden_size * 2  # bf16
     assert floor["lm_head"] == pytest.approx(lm_head / (gbps * 1e9))
     moe_layers = len(cfg.moe_layers)
-    one_expert = sum(layer.mlp.experts.cpu.nbytes() for layer in tiny.model.model.layers
-                     if hasattr(layer.mlp, "experts")) / cfg.n_routed_experts
+    one_expert = sum(experts.cpu.nbytes() for experts in tiny.moe_experts()) / cfg.n_routed_experts
     assert floor["routed experts"] == pytest.approx(cfg.num_experts_per_tok * one_expert / (gbps * 1e9), rel=1e-3)
     # INT4 with bf16 group scales: 3 matrices of hidden x intermediate per expert and layer
     per_weight = one_expert / (moe_layers * 3 * cfg.hidden_size * cfg.moe_intermediate_size)

@@ -77,7 +77,7 @@ def test_a_plan_for_this_machine_is_what_the_runtime_runs(models_dir):
     spec = ModelSpec.from_config(folder / "config.json")
     profile = plan(spec, detect())
     model = load_model(folder, profile)
-    backends = [layer.mlp.experts.cpu for layer in model.model.model.layers if hasattr(layer.mlp, "experts")]
+    backends = [experts.cpu for experts in model.moe_experts()]
     assert len(backends) == len(spec.arch.moe_layers)
     for backend in backends:
         assert (backend.name, backend.method) == (profile.cpu.backend, profile.cpu.method), backend.kernel
