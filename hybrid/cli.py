@@ -123,7 +123,7 @@ class Quant(str, Enum):
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write (must not exist)."),
-    preset: Preset = typer.Option("tiny", help="tiny (tests, default model) or mini (benchmarks)."),
+    preset: Preset = typer.Option("tiny", help="tiny (tests) or mini (benchmarks)."),
     seed: int = typer.Option(0),
     quant: Quant = typer.Option("int4", help="int4 (compressed-tensors routed experts), fp8 or bf16."),
     nested: bool = typer.Option(False, help="K2.5-style text_config nesting and language_model. prefix."),

@@ -72,7 +72,7 @@ SHIPPED = [
             "to AMX INT8 (they fit in RAM that way)."),
     Shipped("tiny_cpu_2core.yaml", "tiny", describe([], "24GB", cores=2, isa="avx512_bf16",
                                                      cpu_name="2-core AVX-512 (development box)"),
-            "The `tiny` synthetic preset on a 2-core CPU-only box with 24 GB (tests and the default model).\n"
+            "The `tiny` synthetic preset on a 2-core CPU-only box with 24 GB (tests).\n"
             "One kt worker thread: the other core drives the model (kt-kernel's sync spins)."),
 ]
 

@@ -94,15 +94,30 @@ def test_trained_model_beats_unigram_and_its_untrained_weights_on_held_out_text(
     assert trained < unigram < untrained, (trained, unigram, untrained)
 
 
-def test_routing_is_skewed_with_every_expert_alive(held):
+def routing_counts(ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per MoE layer, how many of `ids`' routed slots each expert took."""
     stats = ActivationStats(json.loads((EMBEDDED / "config.json").read_text())["n_routed_experts"])
-    model = load_model(EMBEDDED, stats=stats)
-    quality.perplexity(model.logits, held)
-    for layer, counts in stats.counts.items():
-        counts = torch.as_tensor(counts, dtype=torch.float)
+    quality.perplexity(load_model(EMBEDDED, stats=stats).logits, ids)
+    return {layer: torch.as_tensor(counts, dtype=torch.float) for layer, counts in stats.counts.items()}
+
+
+def test_routing_is_skewed_with_every_expert_alive(held):
+    for layer, counts in routing_counts(held).items():
         assert counts.min() > 0, f"layer {layer}: an expert no token reaches"
         # uniform routing would put the hottest expert within a few standard deviations of the mean
         assert counts.max() > counts.mean() + 4 * counts.mean().sqrt(), f"layer {layer}: routing as flat as chance"
+
+
+def test_hot_experts_recorded_on_training_text_are_hot_on_held_out_text(tok, held):
+    """What hot-expert statistics (`hybrid profile record`) are for: the quarter of each layer's
+    experts busiest on some training text takes more than a quarter of the held-out text's routed
+    slots, so a GPU cache of them serves more than its even share on text it was not chosen on."""
+    recorded_on = torch.tensor([i for p in corpus.training_files()[::40] for i in tok.encode(corpus.read(p))][:2048])
+    recorded, measured = routing_counts(recorded_on), routing_counts(held)
+    for layer, counts in recorded.items():
+        hot = counts.topk(len(counts) // 4).indices
+        share = float(measured[layer][hot].sum() / measured[layer].sum())
+        assert share > 0.27, f"layer {layer}: the recorded hot quarter took {share:.3f} of held-out routing"
 
 
 def looks_like_code(text: str) -> bool:
