@@ -52,7 +52,7 @@ def main() -> None:
         start = time.monotonic()
         model = path.load(args.model)
         kernel = model.moe_experts()[0].cpu.kernel
-        ppl = quality.perplexity(model.logits, ids)
+        ppl = quality.perplexity(path.logits_of(model), ids)
         del model
         reference = reference or ppl
         change = ppl / reference - 1

@@ -58,10 +58,15 @@ class HybridModel:
         return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype,
                        self.model.layer_devices(), device_slots, kv_dtype)
 
-    def logits(self, input_ids) -> torch.Tensor:
-        """Float32 logits [T, vocab] of every position, without a cache."""
+    def logits(self, input_ids, kv_dtype: str | None = None) -> torch.Tensor:
+        """Float32 logits [T, vocab] of every position: without a cache, or with kv_dtype, attending
+        to the latents as a fresh cache stored that way (bf16 or fp8) returns them."""
         ids = torch.as_tensor(input_ids).reshape(-1)
-        return self.forward(ForwardBatch.single(ids), logits_index=torch.arange(ids.numel()))
+        positions = torch.arange(ids.numel())
+        if kv_dtype is None:
+            return self.forward(ForwardBatch.single(ids), logits_index=positions)
+        cache = self.new_cache(ids.numel(), kv_dtype=kv_dtype)
+        return self.forward(ForwardBatch.single(ids, 0, positions), cache, logits_index=positions)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  stop_ids: set[int] = frozenset(), return_logits: bool = False, kv_dtype: str = "bf16"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -33,6 +34,7 @@ class ComputePath:
     defer: int = 0
     device: str = "cpu"  # where the dense modules run
     gpu_experts: bool = False  # every routed expert resident on `device` (the GPU hot-expert cache)
+    kv_dtype: str | None = None  # each window attends through a KV cache stored so (None: no cache)
     note: str = ""
 
     def missing(self) -> str | None:
@@ -64,6 +66,10 @@ class ComputePath:
                            experts=ExpertOptions(backend=self.backend, method=self.method))
         return load_model(folder, layout, dtype=self.dtype, dense=self.dense)
 
+    def logits_of(self, model) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`ids -> float32 logits` of `model` (as `load` made it) computed this way, as `perplexity` takes."""
+        return partial(model.logits, kv_dtype=self.kv_dtype)
+
 
 REFERENCE = ComputePath("float32, torch experts", 0.0, torch.float32, "torch", note="the reference: dequantized INT4, fp32")
 PATHS = (
@@ -78,6 +84,8 @@ PATHS = (
          note="each token's lowest-weight expert added one MoE layer late"),
     ComputePath("bf16, deferral k = 2", 0.04, backend="torch", dense="torch", defer=2,
          note="its two lowest-weight experts added one MoE layer late"),
+    ComputePath("bf16, FP8 KV cache", 0.005, backend="torch", dense="torch", kv_dtype="fp8",
+                note="latents read back from float8 e4m3 with per-token scales (kv_cache.dtype: fp8)"),
     ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
     ComputePath("bf16, all experts on the GPU", 0.005, device="cuda", gpu_experts=True,
          note="every routed expert in the GPU's hot-expert cache"),

@@ -185,6 +185,17 @@ def test_fp8_cache_keeps_greedy_decoding_close_to_full_precision(model):
     assert 0 < min(errors) and first_same >= 6, (errors, first_same)
 
 
+def test_logits_through_a_cache_read_the_latents_as_stored(model):
+    """What the FP8 quality path measures: a full-precision cache gives the cache-free logits, an
+    FP8 one moves them (random weights amplify its rounding: 17% here; tests/test_quality.py holds
+    the trained model's perplexity to its tolerance)."""
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    free = model.logits(ids)
+    assert torch.allclose(model.logits(ids, kv_dtype="bf16"), free, rtol=0, atol=1e-5)
+    rel = float((model.logits(ids, kv_dtype="fp8") - free).norm() / free.norm())
+    assert 1e-3 < rel < 0.5, rel
+
+
 def test_a_profile_with_an_fp8_cache_and_a_host_tier_reaches_the_engine(model, tiny_dir):
     profile = Profile.load(Path(__file__).parents[1] / "profiles/tiny_cpu_2core.yaml", model=tiny_dir)
     profile.kv_cache.dtype, profile.kv_cache.host_tokens = "fp8", 4096

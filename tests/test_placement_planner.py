@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from placement import cost
 from placement.hardware import CPU, GPU, Hardware, describe, gpu_from_spec, isa_from, parse_gib
 from placement.memory import usage
 from placement.model_spec import Arch, ModelSpec
@@ -92,6 +93,26 @@ def test_predicted_decode_is_below_the_host_memory_floor():
     on_cpu = sum(1 - len(p.gpu_experts_of(layer)) / a.n_routed_experts for layer in a.moe_layers)
     ceiling = 200e9 / (on_cpu * a.num_experts_per_tok * (n / 2 + 4 * n / 32))
     assert 0.3 * ceiling < p.prediction.decode_tok_s < ceiling  # 0.65 at this writing: the rest is overlap lost
+
+
+def test_decode_curve_charges_the_host_tier_its_kv_reads_and_attention_flops():
+    """Past the GPU tier, a decode step's CPU part reads the host tier's latents as stored at the
+    host's bandwidth and does the absorbed attention's FLOPs over them at the CPU's rate; counted
+    here by hand for Kimi on one 4090 at its full context, in bf16 and FP8."""
+    p = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
+    fig = cost.figures(p.hardware, p.cpu.backend, p.cpu.method, p.cpu.threads)
+    a, context = KIMI.arch, p.kv_cache.context_length
+    assert cost.tiers(p, context) == (p.kv_cache.device_tokens, p.kv_cache.host_tokens)
+    assert cost.tiers(p, 8192) == (8192, 0)
+    assert "host KV bytes / host bandwidth" not in cost.decode(p, KIMI, fig, context=8192)[1]
+    host = p.kv_cache.host_tokens * a.num_hidden_layers  # host-tier latents a step reads, over all layers
+    values = a.kv_lora_rank + a.qk_rope_head_dim
+    flops = host * 2 * a.num_attention_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
+    for dtype, per_token in (("bf16", 2 * values), ("fp8", values + 8)):  # FP8: two fp32 scales a token
+        p.kv_cache.dtype = dtype
+        terms = cost.decode(p, KIMI, fig, context=context)[1]
+        assert terms["host KV bytes / host bandwidth"] == pytest.approx(host * per_token / fig.host_gbps / 1e6, rel=1e-4)
+        assert terms["CPU attention FLOPs / CPU peak"] == pytest.approx(flops / fig.torch_tflops / 1e9, rel=1e-4)
 
 
 def test_no_gpu_gives_a_cpu_only_plan():

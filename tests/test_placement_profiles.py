@@ -131,6 +131,14 @@ def test_hybrid_plan_prints_the_placement_for_profile_a(tmp_path):
     shipped = Profile.load(ROOT / "profiles" / "kimi-k2.7-code_1x4090_1tb.yaml")
     written = Profile.load(out)
     assert written.devices == shipped.devices and written.kv_cache == shipped.kv_cache
+    # the decode curve, a row per context: the newest tokens on the GPU, the rest in host RAM
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.split()[:1] and
+            line.split()[0] in ("8,192", "32,768", "131,072", "262,144")}
+    curve = written.prediction.decode_curve
+    assert list(curve) == [8192, 32768, 131072, 262144]
+    for context, tok_s in curve.items():
+        host = max(0, context - 34912)
+        assert rows[f"{context:,}"] == [f"{context - host:,}", f"{host:,}", f"{tok_s:g}"], context
 
 
 def test_hybrid_plan_refusal_is_a_message_not_a_traceback():
