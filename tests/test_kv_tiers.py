@@ -3,6 +3,7 @@ the model (any split point, any slot layout, decode and prefill in one batch) an
 (pages leaving the device tier while sequences decode, the prefix cache across both tiers)."""
 
 from pathlib import Path
+from unittest.mock import patch
 
 import openai
 import pytest
@@ -14,9 +15,10 @@ from hybrid.api import load_model
 from hybrid.engine import Engine, EngineConfig, SamplingParams
 from hybrid.engine.page_manager import DEVICE, HOST, PageManager
 from hybrid.engine.sequence import Sequence
+from hybrid.model import attention
 from hybrid.model.attention import merge
-from hybrid.model.batch import ForwardBatch
-from hybrid.model.kv_cache import KVCache
+from hybrid.model.batch import ForwardBatch, TierSlots
+from hybrid.model.kv_cache import FP8, KVCache, decode_fp8
 from conftest import KEY
 from hybrid.server.app import create_app
 from hybrid.server.http_server import ServerThread
@@ -41,7 +43,9 @@ def test_merge_of_parts_is_the_softmax_over_all_keys():
         lse = torch.logsumexp(scores[:, keys], -1, keepdim=True)
         parts.append((torch.exp(scores[:, keys] - lse) @ values[keys], lse))
     parts.append((torch.zeros(3, 5), torch.full((3, 1), float("-inf"))))  # a part with no key
-    assert torch.allclose(merge(parts), whole, atol=1e-6)
+    out, lse = merge(parts)
+    assert torch.allclose(out, whole, atol=1e-6)
+    assert torch.allclose(lse, torch.logsumexp(scores, -1, keepdim=True), atol=1e-6)
 
 
 @SETTINGS
@@ -77,6 +81,44 @@ def test_split_attention_equals_one_tier_for_any_split_and_layout(model, data):
     whole = run(model.new_cache(num_slots))
     split = run(model.new_cache(num_slots, device_slots=boundary))
     assert torch.allclose(split, whole, rtol=0, atol=1e-5), (split - whole).abs().max()
+
+
+@SETTINGS
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=3), block=st.sampled_from([1, 5, 16, 4096]),
+       kv_dtype=st.sampled_from(["bf16", "fp8"]), scattered=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_attention_in_blocks_equals_one_pass_over_padded_contexts(
+        model, lengths, block, kv_dtype, scattered, seed):
+    """The CPU's decode attention (each sequence over its own slots, block by block, FP8 scales on
+    the scores, blocks merged by log-sum-exp) equals the GPU's shape of it (all sequences at once
+    over padded contexts and a mask, the cache read whole) within 1e-5, for runs of consecutive
+    slots read in place and for scattered ones."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, mla = model.config, model.model.model.layers[0].self_attn
+    cache = model.new_cache(sum(lengths) + 8, kv_dtype=kv_dtype)
+    cache.write(0, torch.arange(cache.num_slots), torch.randn(cache.num_slots, cfg.kv_lora_rank, generator=g) * 3,
+                torch.randn(cache.num_slots, cfg.qk_rope_head_dim, generator=g))
+    layout = torch.randperm(cache.num_slots, generator=g) if scattered else torch.arange(cache.num_slots)
+    ends = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    part = TierSlots(0, [layout[a:b] for a, b in zip(ends, ends[1:])], 0)
+    q_latent = torch.randn(len(lengths), cfg.num_attention_heads, cfg.kv_lora_rank, generator=g) / 8
+    q_pe = torch.randn(len(lengths), cfg.num_attention_heads, cfg.qk_rope_head_dim, generator=g)
+    index, mask = part.padded
+    want = mla._attend(q_latent, q_pe, *cache.read_tier(0, 0, index), mask[:, None])
+    with patch.object(attention, "BLOCK_TOKENS", block):
+        got = mla._attend_tier(q_latent, q_pe, cache, part)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+
+
+def test_fp8_codes_decode_to_their_values_with_integer_ops():
+    """Every e4m3 code in the normal range decodes exactly; zero and the subnormals (below 2^-6)
+    read within 2^-7 of their value; nothing is NaN (the writer never stores e4m3's NaN codes)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)
+    codes = codes[~codes.float().isnan()]
+    want, got = codes.float(), decode_fp8(codes).float()
+    normal = want.abs() >= 2**-6
+    assert torch.equal(got[normal], want[normal])
+    assert float((got[~normal] - want[~normal]).abs().max()) <= 2**-7
 
 
 def _recorded(engine: Engine) -> list[torch.Tensor]:

@@ -33,32 +33,42 @@ class ForwardBatch:
         return cls(input_ids.reshape(-1).long(), positions, [n], None if slots is None else [slots])
 
     @cached_property
-    def single_queries(self) -> tuple[list[int], torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    def single_queries(self) -> tuple[list[int], torch.Tensor, list["TierSlots"]]:
         """The sequences with one new token (decode steps), so that every layer attends for all of
         them at once: their indices, their rows, and per cache tier that holds any of their contexts
-        (0 device, 1 host) the tier, the slots there padded to the longest [S, C] and a mask [S, C]
-        that is False on the padding."""
+        (0 device, 1 host) each sequence's slots there."""
         seqs = [i for i, q_len in enumerate(self.q_lens) if q_len == 1] if self.slots is not None else []
         rows = torch.tensor(self.q_lens, dtype=torch.long).cumsum(0)[seqs] - 1
         if self.host_from is None:
-            parts = [(0, [self.slots[i] for i in seqs])]
+            parts = [TierSlots(0, [self.slots[i] for i in seqs], 0)]
         else:
-            parts = [(0, [self.slots[i][self.slots[i] < self.host_from] for i in seqs]),
-                     (1, [self.slots[i][self.slots[i] >= self.host_from] for i in seqs])]
-        tiers = []
-        for tier, slots in parts:
-            longest = max((len(s) for s in slots), default=0)
-            if not longest:
-                continue
-            index = torch.full((len(seqs), longest), self.host_from if tier else 0, dtype=torch.long)
-            mask = torch.zeros(len(seqs), longest, dtype=torch.bool)
-            for row, s in enumerate(slots):
-                index[row, : len(s)] = s
-                mask[row, : len(s)] = True
-            tiers.append((tier, index, mask))
-        return seqs, rows, tiers
+            parts = [TierSlots(0, [self.slots[i][self.slots[i] < self.host_from] for i in seqs], 0),
+                     TierSlots(1, [self.slots[i][self.slots[i] >= self.host_from] for i in seqs], self.host_from)]
+        return seqs, rows, [p for p in parts if any(len(s) for s in p.slots)]
 
     @property
     def last_index(self) -> torch.Tensor:
         """Row of each sequence's last new token."""
         return torch.tensor(self.q_lens, dtype=torch.long).cumsum(0) - 1
+
+
+@dataclass
+class TierSlots:
+    """One cache tier's part of the decode sequences' contexts: each sequence's slots there (maybe
+    none), in context order."""
+
+    tier: int
+    slots: list[torch.Tensor]
+    fill: int  # a slot of this tier, for padding
+
+    @cached_property
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots padded to the longest [S, C] and a mask [S, C] that is False on the padding:
+        the shape batched attention on a GPU takes."""
+        longest = max(len(s) for s in self.slots)
+        index = torch.full((len(self.slots), longest), self.fill, dtype=torch.long)
+        mask = torch.zeros(len(self.slots), longest, dtype=torch.bool)
+        for row, s in enumerate(self.slots):
+            index[row, : len(s)] = s
+            mask[row, : len(s)] = True
+        return index, mask
