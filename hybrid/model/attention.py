@@ -31,9 +31,11 @@ from placement.model_config import ModelConfig
 ABSORB_MAX_QUERIES = 16
 # Scores of one block of queries (fp32, all heads) on the CPU: sized to stay in the caches' reach.
 SCORES_BYTES = 32 << 20
-# Keys per block of the CPU's decode attention (_attend_blocks): a block's latents (bf16: 4.7 MB)
-# stay in the caches from the scores' matmul to the output's. Fastest of 1K-16K on Zen 4 at 64K tokens.
-BLOCK_TOKENS = 4096
+# Keys per block of the CPU's decode attention (_attend_blocks): a block's latents (bf16: 9.4 MB)
+# stay in L3 from the scores' matmul to the output's, and the blocks are few enough that their small
+# ops (each a thread barrier) cost little. On Zen 4 at 64K tokens, blocks of 4K-64K keys ran within
+# noise of each other; 2K and smaller ran slower.
+BLOCK_TOKENS = 8192
 
 
 class MLA(nn.Module):
