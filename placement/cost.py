@@ -27,6 +27,14 @@ TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read b
 # (measured: Zen 4 0.2; AVX2 0.01, no bf16 units).
 DENSE_EFFICIENCY = {"onednn": 0.55, "torch": 0.3}
 DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
+# Decode attention over the host tier (hybrid/model/attention.py: one token's heads against a
+# context read in blocks) has only one row per head in its matmuls, where the CPU's GEMM reaches a
+# share of its peak, and a softmax per block: measured 0.105 TFLOP/s at 8K, 32K and 64K tokens (16
+# heads, Zen 4, 2 threads) against 0.4 for the bf16 GEMM (0.37 measured in the same run). FP8
+# latents are decoded to bf16 there as well (integer ops, hybrid/model/kv_cache.py), which the bf16
+# cache does not pay: measured as the time FP8 adds over bf16 in the same run, 2.4-3.0 G values/s a thread.
+CPU_ATTENTION_EFFICIENCY = 0.27
+FP8_DECODE_GVALUES_PER_THREAD = 2.5
 CPU_MODULE_OVERHEAD_S = 0.6e-3  # per module on the CPU: its small ops and thread wake-ups (measured)
 PREFILL_TFLOPS_PER_THREAD = {  # expert FLOP/s per kt thread on long prompts
     "int4_kgroup": 1.0 / 15,  # RAWINT4, measured 1.0 TFLOP/s on 15 threads
@@ -55,6 +63,7 @@ class Figures:
     cpu_prefill_tflops: float  # routed-expert FLOP/s on long prompts
     torch_tflops: float  # dense modules placed on the CPU
     dense_gbps: float = 0.0  # what dense modules on the CPU read per second for one token
+    fp8_decode_gvalues: float = 0.0  # FP8 latents the CPU decodes per second (G values), attending to them
 
 
 def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
@@ -77,6 +86,7 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
         host_gbps=host, cpu_decode_gbps=decode,
         cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads,
         torch_tflops=DENSE_TFLOPS_PER_THREAD[isa] * cpu.cores, dense_gbps=host * DENSE_EFFICIENCY[dense_kernel],
+        fp8_decode_gvalues=FP8_DECODE_GVALUES_PER_THREAD * cpu.cores,
     )
 
 
@@ -151,13 +161,18 @@ def tiers(p, context: int) -> tuple[int, int]:
 
 def _host_attention(b: Breakdown, spec: ModelSpec, p, n: int, tokens: int) -> float:
     """The CPU's part of one layer's split decode attention: reading `tokens` latents of each of n
-    sequences from host RAM, attending to them in the absorbed form, and the two hand-offs of the
-    queries and the partial results (fp32 latents and log-sum-exp)."""
-    a = spec.arch
+    sequences from host RAM, attending to them in the absorbed form at the rate the CPU reaches
+    there (FP8 latents decoded on the way), and the two hand-offs of the queries and the partial
+    results (fp32 latents and log-sum-exp)."""
+    a, fp8 = spec.arch, p.kv_cache.dtype == "fp8"
     read = b.add("host KV bytes / host bandwidth",
                  n * tokens * spec.kv_bytes_per_token_layer(p.kv_cache.dtype) / (b.fig.host_gbps * 1e9))
     flops = n * (spec.attention_flops(tokens, absorbed=True) - spec.attention_flops(0, absorbed=True))
-    compute = b.add("CPU attention FLOPs / CPU peak", flops / (b.fig.torch_tflops * 1e12))
+    compute = b.add("CPU attention FLOPs / CPU attention rate",
+                    flops / (b.fig.torch_tflops * CPU_ATTENTION_EFFICIENCY * 1e12))
+    if fp8:
+        values = n * tokens * (a.kv_lora_rank + a.qk_rope_head_dim)
+        compute += b.add("host FP8 latents decoded on the CPU", values / (b.fig.fp8_decode_gvalues * 1e9))
     return max(read, compute) + 2 * b.link(n * a.num_attention_heads * (a.kv_lora_rank + 1) * 4)
 
 

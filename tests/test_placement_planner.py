@@ -97,8 +97,9 @@ def test_predicted_decode_is_below_the_host_memory_floor():
 
 def test_decode_curve_charges_the_host_tier_its_kv_reads_and_attention_flops():
     """Past the GPU tier, a decode step's CPU part reads the host tier's latents as stored at the
-    host's bandwidth and does the absorbed attention's FLOPs over them at the CPU's rate; counted
-    here by hand for Kimi on one 4090 at its full context, in bf16 and FP8."""
+    host's bandwidth, does the absorbed attention's FLOPs over them at the share of the CPU's peak
+    its attention reaches, and with FP8 decodes every latent value on the CPU; counted here by hand
+    for Kimi on one 4090 at its full context, in bf16 and FP8."""
     p = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
     fig = cost.figures(p.hardware, p.cpu.backend, p.cpu.method, p.cpu.threads)
     a, context = KIMI.arch, p.kv_cache.context_length
@@ -108,11 +109,18 @@ def test_decode_curve_charges_the_host_tier_its_kv_reads_and_attention_flops():
     host = p.kv_cache.host_tokens * a.num_hidden_layers  # host-tier latents a step reads, over all layers
     values = a.kv_lora_rank + a.qk_rope_head_dim
     flops = host * 2 * a.num_attention_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
+    attention_s = flops / (fig.torch_tflops * cost.CPU_ATTENTION_EFFICIENCY) / 1e9  # in ms
+    decode_s = host * values / (cost.FP8_DECODE_GVALUES_PER_THREAD * p.hardware.cpu.cores) / 1e6
+    steps = {}
     for dtype, per_token in (("bf16", 2 * values), ("fp8", values + 8)):  # FP8: two fp32 scales a token
         p.kv_cache.dtype = dtype
-        terms = cost.decode(p, KIMI, fig, context=context)[1]
+        tok_s, terms = cost.decode(p, KIMI, fig, context=context)
+        steps[dtype] = 1 / tok_s
         assert terms["host KV bytes / host bandwidth"] == pytest.approx(host * per_token / fig.host_gbps / 1e6, rel=1e-4)
-        assert terms["CPU attention FLOPs / CPU peak"] == pytest.approx(flops / fig.torch_tflops / 1e9, rel=1e-4)
+        assert terms["CPU attention FLOPs / CPU attention rate"] == pytest.approx(attention_s, rel=1e-4)
+        assert terms.get("host FP8 latents decoded on the CPU", 0) == pytest.approx(decode_s if dtype == "fp8" else 0,
+                                                                                    rel=1e-4)
+    assert steps["fp8"] > steps["bf16"]  # the host tier is bound by FLOPs: FP8's decoding is extra time
 
 
 def test_no_gpu_gives_a_cpu_only_plan():
