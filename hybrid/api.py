@@ -58,15 +58,22 @@ class HybridModel:
         return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype,
                        self.model.layer_devices(), device_slots, kv_dtype)
 
-    def logits(self, input_ids, kv_dtype: str | None = None) -> torch.Tensor:
+    def logits(self, input_ids, kv_dtype: str | None = None, decode: bool = False) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position: without a cache, or with kv_dtype, attending
-        to the latents as a fresh cache stored that way (bf16 or fp8) returns them."""
+        to the latents as a fresh cache stored that way (bf16 or fp8) returns them. With decode, the
+        tokens go in one a step, as generation feeds them, so each attends over the cache with the
+        absorbed weights (decode's own path) rather than in one prefill."""
         ids = torch.as_tensor(input_ids).reshape(-1)
         positions = torch.arange(ids.numel())
         if kv_dtype is None:
+            if decode:
+                raise ValueError("decode reads the context from a KV cache: give kv_dtype (bf16 or fp8)")
             return self.forward(ForwardBatch.single(ids), logits_index=positions)
         cache = self.new_cache(ids.numel(), kv_dtype=kv_dtype)
-        return self.forward(ForwardBatch.single(ids, 0, positions), cache, logits_index=positions)
+        if not decode:
+            return self.forward(ForwardBatch.single(ids, 0, positions), cache, logits_index=positions)
+        return torch.cat([self.forward(ForwardBatch.single(ids[pos:pos + 1], pos, positions[:pos + 1]), cache)
+                          for pos in range(ids.numel())])
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  stop_ids: set[int] = frozenset(), return_logits: bool = False, kv_dtype: str = "bf16"):

@@ -49,6 +49,16 @@ def test_greedy_generation_matches_reference_and_cache_free_logits(tiny_dir, tmp
         assert rel(step_logits[step], cache_free[step]) <= 1e-4, f"step {step}"
 
 
+def test_decode_logits_are_the_cache_free_logits(tiny_dir):
+    """`logits(decode=True)` feeds the tokens one a step through the cache (what the quality bench
+    measures as generation's path); it needs a cache to say how latents are stored."""
+    model = load_model(tiny_dir, dtype=torch.float32)
+    ids = prompt(model.config.vocab_size, 40)
+    assert rel(model.logits(ids, kv_dtype="bf16", decode=True), model.logits(ids)) <= 1e-5
+    with pytest.raises(ValueError, match="kv_dtype"):
+        model.logits(ids, decode=True)
+
+
 # INT4 checkpoints of other shapes: wider layers and more experts (kt's tiles), an intermediate
 # size kt-kernel cannot take (the torch fallback), group-limited routing.
 SHAPES = {
