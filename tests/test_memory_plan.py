@@ -85,9 +85,9 @@ def test_what_the_runtime_allocates_is_within_what_the_planner_budgets(models_di
     assert 0 < hot <= budget.experts, (hot, budget.experts)
     kv = engine.runner.cache.nbytes("cpu")
     assert 0 < kv <= budget.kv, (kv, budget.kv)
-    on_gpu = [p for name, p in model.model.named_parameters() if not name.startswith("model.embed_tokens")]
+    on_gpu = [p for name, p in model.decoder.named_parameters() if not name.startswith("model.embed_tokens")]
     weights = sum(p.nbytes for p in on_gpu) + sum(
-        b.nbytes for name, b in model.model.named_buffers() if not name.startswith("rope"))
+        b.nbytes for name, b in model.decoder.named_buffers() if not name.startswith("rope"))
     assert 0 < weights <= budget.weights, (weights, budget.weights)
 
 
