@@ -19,8 +19,8 @@ from placement.model_config import ModelConfig
 
 
 class HybridModel:
-    def __init__(self, model: DeepseekV3, folder: Path, settings: Settings, dense_kernel: str = "torch"):
-        self.model = model
+    def __init__(self, decoder: DeepseekV3, folder: Path, settings: Settings, dense_kernel: str = "torch"):
+        self.decoder = decoder  # the nn.Module; its own `.model` mirrors the checkpoint's `model.*` names
         self.folder = folder
         self.settings = settings
         self.dense_kernel = dense_kernel  # what runs the dense projections that live on the CPU
@@ -31,21 +31,21 @@ class HybridModel:
 
     @property
     def config(self) -> ModelConfig:
-        return self.model.config
+        return self.decoder.config
 
     @property
     def dtype(self) -> torch.dtype:
         """What the model computes in (and its KV cache holds)."""
-        return self.model.lm_head.weight.dtype
+        return self.decoder.lm_head.weight.dtype
 
     def forward(self, batch: ForwardBatch, cache: KVCache | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits of `batch` (its last position per sequence, or the rows `logits_index` picks)."""
-        return self.model(batch, cache, logits_index=logits_index)
+        return self.decoder(batch, cache, logits_index=logits_index)
 
     def moe_experts(self) -> list:
         """Each MoE layer's routed-expert executor (a HybridExperts), in layer order."""
-        return [layer.mlp.experts for layer in self.model.model.layers if hasattr(layer.mlp, "experts")]
+        return [layer.mlp.experts for layer in self.decoder.model.layers if hasattr(layer.mlp, "experts")]
 
     def expert_wait_s(self) -> float:
         """Seconds the model has spent waiting for routed experts, over all MoE layers."""
@@ -56,7 +56,7 @@ class HybridModel:
         and the rest in host RAM, stored as kv_dtype (bf16 or fp8)."""
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype,
-                       self.model.layer_devices(), device_slots, kv_dtype)
+                       self.decoder.layer_devices(), device_slots, kv_dtype)
 
     def logits(self, input_ids, kv_dtype: str | None = None, decode: bool = False) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position: without a cache, or with kv_dtype, attending
@@ -117,8 +117,8 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
     ckpt = Checkpoint(path)
     s = settings(path, profile, device)
     experts = ExpertBuilder(s.layout, ckpt.config, dtype, stats)
-    model = build_model(ckpt, experts, dtype, progress, s.layout.device_of)
+    decoder = build_model(ckpt, experts, dtype, progress, s.layout.device_of)
     ckpt.close()
-    kernel = dense_kernel.pack(model, dense) if dtype == torch.bfloat16 else "torch"
-    return HybridModel(model, path, s, kernel)
+    kernel = dense_kernel.pack(decoder, dense) if dtype == torch.bfloat16 else "torch"
+    return HybridModel(decoder, path, s, kernel)
 

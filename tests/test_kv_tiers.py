@@ -66,13 +66,13 @@ def test_split_attention_equals_one_tier_for_any_split_and_layout(model, data):
     def run(cache) -> torch.Tensor:
         host_from = cache.host_from
         for tokens, slots in seqs[:len(lengths)]:  # every context but its last token
-            model.model(ForwardBatch(tokens[:-1], torch.arange(len(tokens) - 1), [len(tokens) - 1], [slots[:-1]],
+            model.decoder(ForwardBatch(tokens[:-1], torch.arange(len(tokens) - 1), [len(tokens) - 1], [slots[:-1]],
                                      host_from), cache)
         q = [1] * len(lengths) + ([chunk] if chunk else [])
         step = ForwardBatch(torch.cat([t[-n:] for (t, _), n in zip(seqs, q)]),
                             torch.cat([torch.arange(len(t) - n, len(t)) for (t, _), n in zip(seqs, q)]),
                             q, [s for _, s in seqs], host_from)
-        return model.model(step, cache)
+        return model.decoder(step, cache)
 
     whole = run(model.new_cache(num_slots))
     split = run(model.new_cache(num_slots, device_slots=boundary))

@@ -91,11 +91,11 @@ def test_a_batch_of_decode_steps_equals_each_alone(tiny_dir):
     prompts = [prompt(model.config.vocab_size, n) for n in lengths]
     slots = [torch.arange(i * span, i * span + n + 1) for i, n in enumerate(lengths)]
     for ids, s in zip(prompts, slots):
-        model.model(ForwardBatch.single(ids, 0, s[:-1]), cache)
+        model.decoder(ForwardBatch.single(ids, 0, s[:-1]), cache)
     nxt = torch.tensor([7, 8, 9])
-    together = model.model(ForwardBatch(nxt, torch.tensor(lengths), [1, 1, 1], slots), cache)
+    together = model.decoder(ForwardBatch(nxt, torch.tensor(lengths), [1, 1, 1], slots), cache)
     for i, (n, s) in enumerate(zip(lengths, slots)):
-        alone = model.model(ForwardBatch.single(nxt[i:i + 1], n, s), cache)[0]
+        alone = model.decoder(ForwardBatch.single(nxt[i:i + 1], n, s), cache)[0]
         assert rel(together[i], alone) <= 1e-5, i
 
 
