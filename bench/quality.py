@@ -40,7 +40,7 @@ def main() -> None:
 
     table = Table(title=f"Held-out perplexity by runtime path: {args.model.name}, {len(ids):,} tokens of the "
                         f"Python {corpus.python_version()} standard library")
-    numbers = ("tokens", "perplexity", "float32 there", "vs float32", "tolerance")
+    numbers = ("tokens", "perplexity", "float32, same tokens", "vs float32", "tolerance")
     for col in ("path", "experts ran on", *numbers, "within", "note"):
         table.add_column(col, justify="right" if col in numbers else "left")
     figures = {}
