@@ -45,10 +45,10 @@ def batched_step(hm: HybridModel, streams: int, context: int) -> float:
     cache = hm.new_cache(streams * span)
     ids = torch.randint(0, vocab, (streams * context,), generator=torch.Generator().manual_seed(1))
     slots = [torch.arange(s * span, s * span + context) for s in range(streams)]
-    hm.model(ForwardBatch(ids, torch.arange(context).repeat(streams), [context] * streams, slots), cache)
+    hm.decoder(ForwardBatch(ids, torch.arange(context).repeat(streams), [context] * streams, slots), cache)
     step = ForwardBatch(torch.randint(0, vocab, (streams,)), torch.full((streams,), context), [1] * streams,
                         [torch.arange(s * span, s * span + context + 1) for s in range(streams)])
-    return best_seconds(lambda: hm.model(step, cache), 3)
+    return best_seconds(lambda: hm.decoder(step, cache), 3)
 
 
 def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdown.Breakdown, breakdown.Breakdown,

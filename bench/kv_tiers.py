@@ -46,7 +46,7 @@ def step_seconds(hm: HybridModel, context: int, device_tokens: int | None, kv_dt
             cache.write(layer, slots, torch.randn(len(slots), cfg.kv_lora_rank, generator=g),
                         torch.randn(len(slots), cfg.qk_rope_head_dim, generator=g))
     batch = ForwardBatch(torch.tensor([1]), torch.tensor([context]), [1], [torch.arange(context + 1)], cache.host_from)
-    return best_seconds(lambda: hm.model(batch, cache), 3)
+    return best_seconds(lambda: hm.decoder(batch, cache), 3)
 
 
 def floor_seconds(hm: HybridModel, context: int, kv_dtype: str, gbps: float, tflops: float) -> tuple[float, float]:

@@ -19,8 +19,8 @@ from placement.model_config import ModelConfig
 
 
 class HybridModel:
-    def __init__(self, model: DeepseekV3, folder: Path, settings: Settings, dense_kernel: str = "torch"):
-        self.model = model
+    def __init__(self, decoder: DeepseekV3, folder: Path, settings: Settings, dense_kernel: str = "torch"):
+        self.decoder = decoder  # the nn.Module; its own `.model` mirrors the checkpoint's `model.*` names
         self.folder = folder
         self.settings = settings
         self.dense_kernel = dense_kernel  # what runs the dense projections that live on the CPU
@@ -31,21 +31,21 @@ class HybridModel:
 
     @property
     def config(self) -> ModelConfig:
-        return self.model.config
+        return self.decoder.config
 
     @property
     def dtype(self) -> torch.dtype:
         """What the model computes in (and its KV cache holds)."""
-        return self.model.lm_head.weight.dtype
+        return self.decoder.lm_head.weight.dtype
 
     def forward(self, batch: ForwardBatch, cache: KVCache | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits of `batch` (its last position per sequence, or the rows `logits_index` picks)."""
-        return self.model(batch, cache, logits_index=logits_index)
+        return self.decoder(batch, cache, logits_index=logits_index)
 
     def moe_experts(self) -> list:
         """Each MoE layer's routed-expert executor (a HybridExperts), in layer order."""
-        return [layer.mlp.experts for layer in self.model.model.layers if hasattr(layer.mlp, "experts")]
+        return [layer.mlp.experts for layer in self.decoder.model.layers if hasattr(layer.mlp, "experts")]
 
     def expert_wait_s(self) -> float:
         """Seconds the model has spent waiting for routed experts, over all MoE layers."""
@@ -56,17 +56,24 @@ class HybridModel:
         and the rest in host RAM, stored as kv_dtype (bf16 or fp8)."""
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, num_slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype,
-                       self.model.layer_devices(), device_slots, kv_dtype)
+                       self.decoder.layer_devices(), device_slots, kv_dtype)
 
-    def logits(self, input_ids, kv_dtype: str | None = None) -> torch.Tensor:
+    def logits(self, input_ids, kv_dtype: str | None = None, decode: bool = False) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position: without a cache, or with kv_dtype, attending
-        to the latents as a fresh cache stored that way (bf16 or fp8) returns them."""
+        to the latents as a fresh cache stored that way (bf16 or fp8) returns them. With decode, the
+        tokens go in one a step, as generation feeds them, so each attends over the cache with the
+        absorbed weights (decode's own path) rather than in one prefill."""
         ids = torch.as_tensor(input_ids).reshape(-1)
         positions = torch.arange(ids.numel())
         if kv_dtype is None:
+            if decode:
+                raise ValueError("decode reads the context from a KV cache: give kv_dtype (bf16 or fp8)")
             return self.forward(ForwardBatch.single(ids), logits_index=positions)
         cache = self.new_cache(ids.numel(), kv_dtype=kv_dtype)
-        return self.forward(ForwardBatch.single(ids, 0, positions), cache, logits_index=positions)
+        if not decode:
+            return self.forward(ForwardBatch.single(ids, 0, positions), cache, logits_index=positions)
+        return torch.cat([self.forward(ForwardBatch.single(ids[pos:pos + 1], pos, positions[:pos + 1]), cache)
+                          for pos in range(ids.numel())])
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  stop_ids: set[int] = frozenset(), return_logits: bool = False, kv_dtype: str = "bf16"):
@@ -110,8 +117,8 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
     ckpt = Checkpoint(path)
     s = settings(path, profile, device)
     experts = ExpertBuilder(s.layout, ckpt.config, dtype, stats)
-    model = build_model(ckpt, experts, dtype, progress, s.layout.device_of)
+    decoder = build_model(ckpt, experts, dtype, progress, s.layout.device_of)
     ckpt.close()
-    kernel = dense_kernel.pack(model, dense) if dtype == torch.bfloat16 else "torch"
-    return HybridModel(model, path, s, kernel)
+    kernel = dense_kernel.pack(decoder, dense) if dtype == torch.bfloat16 else "torch"
+    return HybridModel(decoder, path, s, kernel)
 

@@ -106,16 +106,16 @@ def _measured(spent: dict[str, float], wall: float, sampling: float) -> dict[str
 
 def _sizes(hm: HybridModel) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes, parameters) per part; routed experts: one expert's share of each layer's backend."""
-    model, cfg = hm.model, hm.config
+    decoder, cfg = hm.decoder, hm.config
     b, n = defaultdict(int), defaultdict(int)
-    for name, module in model.named_modules():
+    for name, module in decoder.named_modules():
         part = _part(name, module)
         if part in (None, "moe"):
             continue
         held = weights(module)
         b[part] += sum(w.numel() * w.element_size() for w in held)
         n[part] += sum(w.numel() for w in held)
-    experts = [layer.mlp.experts for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    experts = [layer.mlp.experts for layer in decoder.model.layers if isinstance(layer.mlp, MoE)]
     held = sum(getattr(e, "cpu", e).nbytes() for e in experts)  # the CPU backend under the scheduler
     b["expert"] = held // max(1, cfg.n_routed_experts)  # one expert of every MoE layer
     n["expert"] = len(experts) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -150,14 +150,14 @@ def decode_step(hm: HybridModel, context: int = 128, steps: int = 8, seed: int =
     cfg = hm.config
     ids = torch.randint(0, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(seed))
     cache = hm.new_cache(context + steps + 2)
-    token = int(hm.model(ForwardBatch.single(ids, 0, torch.arange(context)), cache)[0].argmax())
+    token = int(hm.decoder(ForwardBatch.single(ids, 0, torch.arange(context)), cache)[0].argmax())
     best = None
     for step in range(steps + 1):
         pos = context + step
         batch = ForwardBatch.single(torch.tensor([token]), pos, torch.arange(pos + 1))
-        with timed_parts(hm.model) as spent:
+        with timed_parts(hm.decoder) as spent:
             start = time.perf_counter()
-            logits = hm.model(batch, cache)
+            logits = hm.decoder(batch, cache)
             mid = time.perf_counter()
             token = int(logits[0].argmax())
             end = time.perf_counter()
@@ -170,12 +170,12 @@ def decode_step(hm: HybridModel, context: int = 128, steps: int = 8, seed: int =
 def prefill(hm: HybridModel, tokens: int = 2048, seed: int = 0) -> Breakdown:
     """One prompt of `tokens` through the model in one pass (after a short warm-up), by part."""
     cfg = hm.config
-    hm.model(ForwardBatch.single(torch.arange(16) % cfg.vocab_size))
+    hm.decoder(ForwardBatch.single(torch.arange(16) % cfg.vocab_size))
     ids = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed))
     cache = hm.new_cache(tokens)
-    with timed_parts(hm.model) as spent:
+    with timed_parts(hm.decoder) as spent:
         start = time.perf_counter()
-        logits = hm.model(ForwardBatch.single(ids, 0, torch.arange(tokens)), cache)
+        logits = hm.decoder(ForwardBatch.single(ids, 0, torch.arange(tokens)), cache)
         mid = time.perf_counter()
         int(logits[0].argmax())
         end = time.perf_counter()

@@ -1,8 +1,8 @@
 """Quality as a user would notice it: perplexity on held-out standard-library text.
 
-Every runtime path (expert backend and kernel, compute dtype, dense kernel, expert deferral)
-states its tolerance as the most its perplexity may exceed the float32 path's, relative; the
-tests hold each path to it and `python -m bench.quality` records the figures.
+Every runtime path (expert backend and kernel, compute dtype, dense kernel, expert deferral, KV
+cache, decode) states its tolerance as the most its perplexity may exceed the float32 path's,
+relative; the tests hold each path to it and `python -m bench.quality` records the figures.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from hybrid.corpus import held_out_files, read
 from hybrid.tokenizer import Tokenizer
 
 WINDOW = 256  # tokens per window: the default model's training context
+# Decode paths read only the first DECODE_TOKENS held-out tokens (four windows) and are compared
+# with float32 over those same tokens: a decode step takes ~45 ms on a 2-core CPU, so the bench's
+# 16,384 tokens would take 12 minutes a path.
+DECODE_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ComputePath:
     device: str = "cpu"  # where the dense modules run
     gpu_experts: bool = False  # every routed expert resident on `device` (the GPU hot-expert cache)
     kv_dtype: str | None = None  # each window attends through a KV cache stored so (None: no cache)
+    decode: bool = False  # each window fed one token a step through that cache, as generation runs
     note: str = ""
 
     def missing(self) -> str | None:
@@ -68,7 +73,11 @@ class ComputePath:
 
     def logits_of(self, model) -> Callable[[torch.Tensor], torch.Tensor]:
         """`ids -> float32 logits` of `model` (as `load` made it) computed this way, as `perplexity` takes."""
-        return partial(model.logits, kv_dtype=self.kv_dtype)
+        return partial(model.logits, kv_dtype=self.kv_dtype, decode=self.decode)
+
+    def text(self, ids: torch.Tensor) -> torch.Tensor:
+        """The part of the held-out `ids` this path reads (a decode path: the first DECODE_TOKENS)."""
+        return ids[:DECODE_TOKENS] if self.decode else ids
 
 
 REFERENCE = ComputePath("float32, torch experts", 0.0, torch.float32, "torch", note="the reference: dequantized INT4, fp32")
@@ -86,6 +95,11 @@ PATHS = (
          note="its two lowest-weight experts added one MoE layer late"),
     ComputePath("bf16, FP8 KV cache", 0.005, backend="torch", dense="torch", kv_dtype="fp8",
                 note="latents read back from float8 e4m3 with per-token scales (kv_cache.dtype: fp8)"),
+    # Generation's own path: one token a step, attention absorbed into the latents of the cache.
+    ComputePath("bf16, decode", 0.005, backend="torch", dense="torch", kv_dtype="bf16", decode=True,
+                note="one token a step, absorbed attention over the bf16 latent cache (what generation runs)"),
+    ComputePath("bf16, decode, FP8 KV cache", 0.005, backend="torch", dense="torch", kv_dtype="fp8", decode=True,
+                note="the same over latents stored as float8 e4m3 (kv_cache.dtype: fp8)"),
     ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
     ComputePath("bf16, all experts on the GPU", 0.005, device="cuda", gpu_experts=True,
          note="every routed expert in the GPU's hot-expert cache"),

@@ -89,6 +89,6 @@ def _layout(p: Profile, device: str | None) -> Layout:
 def _engine(p: Profile) -> EngineConfig:
     """The KV cache (its tiers and dtype) and prefill chunk the profile planned."""
     kv = p.kv_cache
-    return EngineConfig(page_size=kv.page_size, kv_cache_tokens=kv.max_pages * kv.page_size,
+    return EngineConfig(page_size=kv.page_size, kv_cache_tokens=kv.slots,
                         host_kv_tokens=kv.host_tokens, kv_dtype=kv.dtype, max_model_len=kv.context_length,
                         max_batch_tokens=p.prefill.chunk_tokens)

@@ -166,16 +166,25 @@ def _cpu(p: Profile, out: list) -> None:
 
 
 def _kv(p: Profile, out: list) -> None:
+    """The runtime gives each sequence whole pages, so the cache is counted in them: max_tokens a
+    whole number of pages, enough for every sequence's context rounded up to pages."""
     kv = p.kv_cache
-    need = kv.context_length * kv.concurrency
-    if kv.max_tokens < need:
-        out.append(Problem("kv_cache.max_tokens", f"{kv.max_tokens} is less than context_length x concurrency "
-                           f"= {need}", f"raise it to {need} or lower context_length or concurrency"))
     if kv.page_size & (kv.page_size - 1):
         out.append(Problem("kv_cache.page_size", f"{kv.page_size} is not a power of two", "use 16, 32, 64 or 128"))
-    elif kv.max_pages != -(-kv.max_tokens // kv.page_size):
-        out.append(Problem("kv_cache.max_pages", f"{kv.max_pages} pages do not hold max_tokens {kv.max_tokens}",
-                           f"set it to ceil(max_tokens / page_size) = {-(-kv.max_tokens // kv.page_size)}"))
+    else:
+        pages = -(-kv.max_tokens // kv.page_size)
+        need = kv.concurrency * -(-kv.context_length // kv.page_size) * kv.page_size
+        if kv.max_tokens % kv.page_size:
+            out.append(Problem("kv_cache.max_tokens", f"{kv.max_tokens} is not a whole number of pages of "
+                               f"{kv.page_size} (the runtime allocates whole pages)",
+                               f"set it to {pages * kv.page_size} and max_pages to {pages}"))
+        elif kv.max_pages != pages:
+            out.append(Problem("kv_cache.max_pages", f"{kv.max_pages} pages do not hold max_tokens {kv.max_tokens}",
+                               f"set it to max_tokens / page_size = {pages}"))
+        if kv.max_tokens < need:
+            out.append(Problem("kv_cache.max_tokens", f"{kv.max_tokens} is less than concurrency x context_length "
+                               f"in whole pages of {kv.page_size} = {need}",
+                               f"raise it to {need} or lower context_length or concurrency"))
     if kv.host_tokens > kv.max_tokens or kv.host_tokens % kv.page_size:
         out.append(Problem("kv_cache.host_tokens", f"{kv.host_tokens} is not a whole number of pages of "
                            f"{kv.page_size} within max_tokens {kv.max_tokens}",
@@ -235,8 +244,8 @@ def _memory(p: Profile, out: list) -> None:
             fix = f"remove at least {-(-over // spec.bytes['expert'])} experts from the lists of {device}'s layers"
         else:
             path = f"kv_cache.max_tokens (on {device})"
-            tokens = -(-over // (spec.kv_bytes_per_token(p.kv_cache.dtype)))
-            fix = f"lower it by at least {tokens}, or move layers to another device"
+            page = p.kv_cache.page_size * spec.kv_bytes_per_token(p.kv_cache.dtype)
+            fix = f"lower it by at least {-(-over // page) * p.kv_cache.page_size}, or move layers to another device"
         out.append(Problem(path, f"{device} would hold {u.total / GIB:.1f} GiB ({parts}): {over / GIB:.2f} GiB "
                            f"over its {u.budget / GIB:.1f} GiB budget", fix))
 

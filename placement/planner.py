@@ -108,14 +108,11 @@ def plan(spec: ModelSpec, hw: Hardware, req: Request = Request()) -> Profile:
         devices, gpu_experts, on_gpu, buffers = _gpu_layout(spec, hw, req, fig, cpu.method, context)
     else:
         devices, gpu_experts, context, buffers = _cpu_layout(spec, hw, req, cpu, context)
-        on_gpu = context
-    tokens = context * req.concurrency
+        on_gpu = _whole_pages(context)
     p = Profile(
         version=PROFILE_VERSION, model=ModelSection(**a.model_dump(), config_hash=a.digest()),
         hardware=hw, devices=devices, gpu_experts=gpu_experts, cpu=cpu,
-        kv_cache=KVCache(dtype=req.kv_dtype, page_size=PAGE_SIZE, max_tokens=tokens,
-                         max_pages=-(-tokens // PAGE_SIZE), context_length=context, concurrency=req.concurrency,
-                         host_tokens=(context - on_gpu) * req.concurrency),
+        kv_cache=_kv_cache(req.kv_dtype, context, req.concurrency, on_gpu),
         prefill=Prefill(chunk_tokens=CHUNK_TOKENS), decode=Decode())
     p.prefill.stream_threshold_tokens = _threshold(p, spec, fig, req) if buffers else None
     if p.prefill.stream_threshold_tokens is not None:
@@ -139,18 +136,30 @@ def plan(spec: ModelSpec, hw: Hardware, req: Request = Request()) -> Profile:
     return p
 
 
+def _whole_pages(tokens: int) -> int:
+    return -(-tokens // PAGE_SIZE) * PAGE_SIZE
+
+
+def _kv_cache(dtype: str, context: int, concurrency: int, on_device: int) -> KVCache:
+    """The cache for `concurrency` sequences of `context` tokens, each in whole pages (the engine
+    gives a sequence whole pages, so its context rounds up), `on_device` tokens of each (whole
+    pages) on the attention devices and the rest in host RAM."""
+    seq = _whole_pages(context)
+    return KVCache(dtype=dtype, page_size=PAGE_SIZE, max_tokens=seq * concurrency,
+                   max_pages=seq // PAGE_SIZE * concurrency, context_length=context, concurrency=concurrency,
+                   host_tokens=(seq - on_device) * concurrency)
+
+
 def _fit_host_tier(p: Profile, spec: ModelSpec) -> None:
-    """Shorten the served context until the host tier fits host RAM (never below the GPU tier)."""
+    """Shorten the served context, a page at a time, until the host tier fits host RAM (never
+    below the GPU tier)."""
     kv, u = p.kv_cache, usage(p, spec)["cpu"]
     over = u.total - u.budget
     if over <= 0 or not kv.host_tokens:
         return
     per_seq = -(-over // (spec.kv_bytes_per_token(kv.dtype) * kv.concurrency))
-    cut = min(-(-per_seq // PAGE_SIZE) * PAGE_SIZE, kv.host_tokens // kv.concurrency)
-    kv.context_length -= cut
-    kv.host_tokens -= cut * kv.concurrency
-    kv.max_tokens = kv.context_length * kv.concurrency
-    kv.max_pages = -(-kv.max_tokens // PAGE_SIZE)
+    cut = min(_whole_pages(per_seq), kv.host_tokens // kv.concurrency)
+    p.kv_cache = _kv_cache(kv.dtype, kv.context_length - cut, kv.concurrency, kv.device_tokens // kv.concurrency)
 
 
 def _threshold(p: Profile, spec: ModelSpec, fig: cost.Figures, req: Request) -> int | None:
@@ -188,7 +197,7 @@ def _gpu_layout(spec: ModelSpec, hw: Hardware, req: Request, fig: cost.Figures, 
     def fits(tokens: int, staging: int = 0) -> bool:
         return _greedy_end(lambda g, i, j: left(g, i, j, tokens, staging), n_gpus, n_layers) == n_layers
 
-    context = min(context, GPU_CONTEXT)  # the GPU tier's share of each sequence
+    context = min(_whole_pages(context), GPU_CONTEXT)  # the GPU tier's share of each sequence, in pages
     target = context * req.concurrency
     if not fits(0):
         placed = _greedy_end(lambda g, i, j: left(g, i, j, 0, 0), n_gpus, n_layers)
@@ -273,7 +282,7 @@ def _cpu_layout(spec: ModelSpec, hw: Hardware, req: Request, cpu: CpuSection, co
     work = CHUNK_TOKENS * spec.activation_bytes_per_token
     room = hw.ram_bytes - host_reserve(hw.ram_bytes) - weights - experts - work
     per_token = spec.kv_bytes_per_token(req.kv_dtype) * req.concurrency
-    if room < context * per_token and req.context is None:
+    if room < _whole_pages(context) * per_token and req.context is None:
         context = max(0, room // per_token) // PAGE_SIZE * PAGE_SIZE
         context = max(context, MIN_CONTEXT)  # too little RAM: the host check below says by how much
     devices = Devices(embed="cpu", lm_head="cpu", layers=[LayerDevices(

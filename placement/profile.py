@@ -31,8 +31,9 @@ SECTION_NOTES = {
     "gpu_experts": "routed experts kept on the GPU of each layer's router, by layer; all others run on the CPU",
     "cpu": "CPU experts: backend kt (kt-kernel) or torch; method int4_kgroup (the checkpoint's INT4 in place),\n"
            "amx_int4 / amx_int8 (re-quantized for AMX) or bf16; threads: kernel threads; threadpools: per NUMA node",
-    "kv_cache": "paged MLA latent cache; max_tokens = context_length x concurrency, of which host_tokens live in\n"
-                "host RAM (a sequence's older pages) and the rest on each layer's attention device; dtype bf16 or fp8",
+    "kv_cache": "paged MLA latent cache in whole pages; max_tokens = concurrency x context_length rounded up to pages,\n"
+                "of which host_tokens live in host RAM (a sequence's older pages) and the rest on each layer's\n"
+                "attention device; dtype bf16 or fp8",
     "prefill": "prompts of stream_threshold_tokens or more stream CPU experts to the GPU layer by layer\n"
                "(null: never); stream_buffer_mib is the staging memory per GPU",
     "decode": "defer_experts: of each token's routed experts, how many lowest-weight ones may finish\n"
@@ -81,9 +82,14 @@ class KVCache(_Section):
     host_tokens: int = Field(default=0, ge=0)
 
     @property
+    def slots(self) -> int:
+        """Tokens the runtime allocates: the cache is made of whole pages."""
+        return self.max_pages * self.page_size
+
+    @property
     def device_tokens(self) -> int:
         """Tokens of the cache on the attention devices."""
-        return max(0, self.max_tokens - self.host_tokens)
+        return max(0, self.slots - self.host_tokens)
 
 
 class Prefill(_Section):

@@ -114,7 +114,8 @@ def _ms(v: float | None) -> str:
 
 def notes(p: Profile, spec: ModelSpec) -> list[str]:
     kv, pre = p.kv_cache, p.prefill
-    kv_bytes = kv.max_tokens * spec.kv_bytes_per_token(kv.dtype)
+    kv_bytes = kv.slots * spec.kv_bytes_per_token(kv.dtype)
+    rounded = ", each sequence's in whole pages" if kv.slots != kv.context_length * kv.concurrency else ""
     tiers_note = f"; {kv.host_tokens:,} in host RAM" if kv.host_tokens else ""
     stream = (f"prompts of {pre.stream_threshold_tokens:,}+ tokens stream CPU experts to the GPU layer by layer"
               if pre.stream_threshold_tokens else "prefill keeps routed experts on the CPU (no streaming)")
@@ -122,8 +123,8 @@ def notes(p: Profile, spec: ModelSpec) -> list[str]:
         f"model {p.model.name}: {_count(spec.total_params)} parameters, {_size(spec.total_bytes)} to load "
         f"({p.model.quant}; the download is {spec.checkpoint_bytes / 1e9:,.1f} GB)",
         f"machine: {p.hardware.summary()}",
-        f"KV cache: {kv.context_length:,} tokens x {kv.concurrency} sequence(s) = {kv.max_tokens:,} tokens "
-        f"({kv.max_pages:,} pages of {kv.page_size}), {_size(kv_bytes)} {kv.dtype}{tiers_note}",
+        f"KV cache: {kv.context_length:,} tokens x {kv.concurrency} sequence(s) = {kv.slots:,} tokens "
+        f"({kv.max_pages:,} pages of {kv.page_size}{rounded}), {_size(kv_bytes)} {kv.dtype}{tiers_note}",
         f"CPU experts: {p.cpu.backend} / {p.cpu.method}, {_threads(p.cpu.threads)} in {p.cpu.threadpools} pool(s); "
         f"{stream}",
     ]

@@ -56,7 +56,7 @@ def test_prefill_parts(tiny):
 
 
 def test_hooks_are_removed(tiny):
-    with breakdown.timed_parts(tiny.model):
+    with breakdown.timed_parts(tiny.decoder):
         pass
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.decoder.modules())
     torch.testing.assert_close(tiny.logits(torch.arange(4)), tiny.logits(torch.arange(4)))

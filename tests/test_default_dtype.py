@@ -37,7 +37,7 @@ def prompts():
 
 def test_the_engine_in_the_default_dtype_decodes_as_the_model_alone(tiny_dir, prompts):
     model = load_model(tiny_dir)
-    assert model.model.lm_head.weight.dtype == torch.bfloat16
+    assert model.decoder.lm_head.weight.dtype == torch.bfloat16
     engine = Engine(model)
     for p in prompts:
         got = engine.generate([p], SamplingParams(temperature=0, max_tokens=NEW))[0]
@@ -63,7 +63,7 @@ def test_the_server_in_the_default_dtype_replies_as_the_model_alone(serving, mon
 
     monkeypatch.setattr(serving, "generate", recording)
     model = serving.thread.engine.runner.model
-    assert model.model.lm_head.weight.dtype == torch.bfloat16
+    assert model.decoder.lm_head.weight.dtype == torch.bfloat16
     messages = [{"role": "user", "content": "Tell me about the weather in Paris. " * 30}]
     prompt = serving.chat_prompt(messages, None, thinking=False)
     assert len(prompt) > 256

@@ -57,7 +57,7 @@ def test_model_on_onednn_agrees_with_the_plain_bf16_path(tiny_dir):
     plain = load_model(tiny_dir, dense="torch")
     fast = load_model(tiny_dir, dense="onednn")
     assert (plain.dense_kernel, fast.dense_kernel) == ("torch", "onednn")
-    assert isinstance(fast.model.lm_head, OneDNNLinear) and isinstance(plain.model.lm_head, nn.Linear)
+    assert isinstance(fast.decoder.lm_head, OneDNNLinear) and isinstance(plain.decoder.lm_head, nn.Linear)
     a, b = plain.logits(ids), fast.logits(ids)
     assert rel(b, a) <= 0.05
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95

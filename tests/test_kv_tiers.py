@@ -70,13 +70,13 @@ def test_split_attention_equals_one_tier_for_any_split_and_layout(model, data):
     def run(cache) -> torch.Tensor:
         host_from = cache.host_from
         for tokens, slots in seqs[:len(lengths)]:  # every context but its last token
-            model.model(ForwardBatch(tokens[:-1], torch.arange(len(tokens) - 1), [len(tokens) - 1], [slots[:-1]],
+            model.decoder(ForwardBatch(tokens[:-1], torch.arange(len(tokens) - 1), [len(tokens) - 1], [slots[:-1]],
                                      host_from), cache)
         q = [1] * len(lengths) + ([chunk] if chunk else [])
         step = ForwardBatch(torch.cat([t[-n:] for (t, _), n in zip(seqs, q)]),
                             torch.cat([torch.arange(len(t) - n, len(t)) for (t, _), n in zip(seqs, q)]),
                             q, [s for _, s in seqs], host_from)
-        return model.model(step, cache)
+        return model.decoder(step, cache)
 
     whole = run(model.new_cache(num_slots))
     split = run(model.new_cache(num_slots, device_slots=boundary))
@@ -93,7 +93,7 @@ def test_decode_attention_in_blocks_equals_one_pass_over_padded_contexts(
     over padded contexts and a mask, the cache read whole) within 1e-5, for runs of consecutive
     slots read in place and for scattered ones."""
     g = torch.Generator().manual_seed(seed)
-    cfg, mla = model.config, model.model.model.layers[0].self_attn
+    cfg, mla = model.config, model.decoder.model.layers[0].self_attn
     cache = model.new_cache(sum(lengths) + 8, kv_dtype=kv_dtype)
     cache.write(0, torch.arange(cache.num_slots), torch.randn(cache.num_slots, cfg.kv_lora_rank, generator=g) * 3,
                 torch.randn(cache.num_slots, cfg.qk_rope_head_dim, generator=g))

@@ -1,19 +1,26 @@
 """The runtime allocates what the planner budgets: a plan of Kimi K2 for one 24 GB GPU with
 prefill streaming on, run at that plan's proportions on a scaled-down Kimi-format checkpoint (the
-CPU standing in for the GPU), holds each part the planner counts within the planner's figure."""
+CPU standing in for the GPU), holds each part the planner counts within the planner's figure; and
+every plan's KV cache, whatever its context, is one the runtime accepts and allocates byte for byte."""
 
 import torch
+from hypothesis import example, given, settings as hypothesis_settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hybrid.api import load_model
 from hybrid.engine import Engine, SamplingParams
+from hybrid.model.kv_cache import KVCache as RuntimeKVCache
+from hybrid.settings import settings
 from hybrid.model.synthetic import write_checkpoint
 from placement.hardware import CPU, GPU, Hardware
 from placement.memory import MIB, STREAM_GROUP, usage
 from placement.model_spec import Arch, ModelSpec
-from placement.planner import Request, plan
+from placement.model_config import ModelConfig
+from placement.planner import PlanError, Request, plan
 from placement.profile import Devices, KVCache, LayerDevices, ModelSection, Prefill, Profile
 
-from test_profile_validate import KIMI_CONFIG
+from test_placement_profiles import GENERATE, SPECS
+from test_profile_validate import DEEPSEEK_CONFIG, KIMI_CONFIG
 
 # A 24 GB card beside a CPU without AMX: its kernels are slow enough on long prompts that the
 # planner streams experts over PCIe.
@@ -78,7 +85,50 @@ def test_what_the_runtime_allocates_is_within_what_the_planner_budgets(models_di
     assert 0 < hot <= budget.experts, (hot, budget.experts)
     kv = engine.runner.cache.nbytes("cpu")
     assert 0 < kv <= budget.kv, (kv, budget.kv)
-    on_gpu = [p for name, p in model.model.named_parameters() if not name.startswith("model.embed_tokens")]
+    on_gpu = [p for name, p in model.decoder.named_parameters() if not name.startswith("model.embed_tokens")]
     weights = sum(p.nbytes for p in on_gpu) + sum(
-        b.nbytes for name, b in model.model.named_buffers() if not name.startswith("rope"))
+        b.nbytes for name, b in model.decoder.named_buffers() if not name.startswith("rope"))
     assert 0 < weights <= budget.weights, (weights, budget.weights)
+
+
+CONFIGS = {"kimi-k2.7-code": KIMI_CONFIG, "deepseek-v3": DEEPSEEK_CONFIG}
+MACHINES = [(s.model, s.hardware) for s in GENERATE.SHIPPED if s.model in CONFIGS] + [("kimi-k2.7-code", MACHINE)]
+
+
+def runtime_kv_bytes(config, profile: Profile) -> dict[str, int]:
+    """Bytes of KV cache per device that the runtime allocates for `profile`: its settings, the
+    engine's page count and the model runner's cache, built as fake tensors (shapes, no memory)."""
+    s, cfg = settings(config, profile), ModelConfig.from_file(config)
+    pages = s.engine.num_pages(cfg, torch.bfloat16.itemsize)
+    devices = [s.layout.layer_device(i) for i in range(cfg.num_hidden_layers)]
+    with FakeTensorMode():
+        cache = RuntimeKVCache(cfg.num_hidden_layers, pages * s.engine.page_size, cfg.kv_lora_rank,
+                               cfg.qk_rope_head_dim, torch.bfloat16, devices,
+                               s.engine.device_pages(pages) * s.engine.page_size, s.engine.kv_dtype)
+    return {str(d): cache.nbytes(d) for d in {*devices, torch.device("cpu")}}
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(machine=st.sampled_from(MACHINES), data=st.data(), concurrency=st.integers(1, 3),
+       kv_dtype=st.sampled_from(["bf16", "fp8"]))
+@example(machine=MACHINES[0], data=None, concurrency=1, kv_dtype="bf16")
+def test_every_plan_validates_and_its_kv_is_what_the_runtime_allocates(machine, data, concurrency, kv_dtype):
+    """Odd contexts (200001, 1000, anything) too: the planner counts the KV cache in the whole pages
+    the engine gives each sequence, so the profile passes validation and the runtime's cache takes,
+    on each device, exactly the bytes the planner budgets."""
+    model, hardware = machine
+    spec = SPECS[model]
+    limit = spec.arch.max_position_embeddings
+    context = 200001 if data is None else data.draw(st.one_of(
+        st.none(), st.sampled_from([1000, 200001 % limit, limit - 1]), st.integers(1, limit)))
+    try:
+        p = plan(spec, hardware, Request(context=context, concurrency=concurrency, kv_dtype=kv_dtype))
+    except PlanError:
+        return  # this machine cannot hold that context: no profile written
+    kv = p.kv_cache
+    assert p.problems() == [] and p.problems(Arch.from_config(CONFIGS[model])) == []
+    assert kv.context_length == (context or kv.context_length) and kv.slots >= kv.context_length * concurrency
+    assert kv.host_tokens % kv.page_size == 0 and kv.slots % kv.page_size == 0
+    planned = {d: u.kv for d, u in usage(p, spec).items() if u.kv}
+    allocated = {d: n for d, n in runtime_kv_bytes(CONFIGS[model], p).items() if n}
+    assert allocated == planned

@@ -49,6 +49,16 @@ def test_greedy_generation_matches_reference_and_cache_free_logits(tiny_dir, tmp
         assert rel(step_logits[step], cache_free[step]) <= 1e-4, f"step {step}"
 
 
+def test_decode_logits_are_the_cache_free_logits(tiny_dir):
+    """`logits(decode=True)` feeds the tokens one a step through the cache (what the quality bench
+    measures as generation's path); it needs a cache to say how latents are stored."""
+    model = load_model(tiny_dir, dtype=torch.float32)
+    ids = prompt(model.config.vocab_size, 40)
+    assert rel(model.logits(ids, kv_dtype="bf16", decode=True), model.logits(ids)) <= 1e-5
+    with pytest.raises(ValueError, match="kv_dtype"):
+        model.logits(ids, decode=True)
+
+
 # INT4 checkpoints of other shapes: wider layers and more experts (kt's tiles), an intermediate
 # size kt-kernel cannot take (the torch fallback), group-limited routing.
 SHAPES = {
@@ -81,11 +91,11 @@ def test_a_batch_of_decode_steps_equals_each_alone(tiny_dir):
     prompts = [prompt(model.config.vocab_size, n) for n in lengths]
     slots = [torch.arange(i * span, i * span + n + 1) for i, n in enumerate(lengths)]
     for ids, s in zip(prompts, slots):
-        model.model(ForwardBatch.single(ids, 0, s[:-1]), cache)
+        model.decoder(ForwardBatch.single(ids, 0, s[:-1]), cache)
     nxt = torch.tensor([7, 8, 9])
-    together = model.model(ForwardBatch(nxt, torch.tensor(lengths), [1, 1, 1], slots), cache)
+    together = model.decoder(ForwardBatch(nxt, torch.tensor(lengths), [1, 1, 1], slots), cache)
     for i, (n, s) in enumerate(zip(lengths, slots)):
-        alone = model.model(ForwardBatch.single(nxt[i:i + 1], n, s), cache)[0]
+        alone = model.decoder(ForwardBatch.single(nxt[i:i + 1], n, s), cache)[0]
         assert rel(together[i], alone) <= 1e-5, i
 
 

@@ -42,7 +42,7 @@ def test_hot_experts_give_the_plain_tokens_and_logits(tiny_dir, ids, plain, shar
     model, tokens, logits = plain
     layout = Layout.on("cpu", experts=TORCH, hot_experts=hot(model.config, share))
     split = load_model(tiny_dir, layout, dtype=torch.float32)
-    moe = split.model.model.layers[-1].mlp.experts
+    moe = split.decoder.model.layers[-1].mlp.experts
     assert (moe.hot is not None) == (share > 0)
     got, got_logits = split.generate(ids, 24, return_logits=True)
     assert got == tokens
@@ -113,14 +113,14 @@ def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain
     from hybrid.model.checkpoint import Checkpoint
 
     deferred = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, defer=1), dtype=torch.float32)
-    first, last = (deferred.model.model.layers[i].mlp.experts for i in deferred.config.moe_layers)
+    first, last = (deferred.decoder.model.layers[i].mlp.experts for i in deferred.config.moe_layers)
     assert (first.defer, first.carry_in, last.defer, last.carry_out) == (1, None, 0, None)
     assert first.carry_out is last.carry_in is not None
 
     by_hand = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
     ckpt, carry = Checkpoint(tiny_dir), []
     for i in by_hand.config.moe_layers:
-        by_hand.model.model.layers[i].mlp.experts = DeferredByHand(
+        by_hand.decoder.model.layers[i].mlp.experts = DeferredByHand(
             TorchExperts(ckpt.experts(i, torch.float32)), carry, last=i == by_hand.config.moe_layers[-1])
     want = by_hand.logits(ids)
     assert not carry
@@ -131,7 +131,7 @@ def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain
 def test_streamed_prefill_equals_cpu_prefill(tiny_dir, ids, plain):
     model, tokens, logits = plain
     streamed = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
-    moe = streamed.model.model.layers[1].mlp.experts
+    moe = streamed.decoder.model.layers[1].mlp.experts
     assert moe.streaming(48) and not moe.streaming(1)
     assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
     got, got_logits = streamed.generate(ids, 24, return_logits=True)  # prefill streams, decode does not
@@ -147,7 +147,7 @@ def test_streamed_prefill_reuses_its_staging_slots_over_three_moe_layers(models_
     ids = torch.randint(0, 1280, (40,), generator=torch.Generator().manual_seed(9))
     plain = load_model(folder, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
     streamed = load_model(folder, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
-    moes = [streamed.model.model.layers[i].mlp.experts for i in streamed.config.moe_layers]
+    moes = [streamed.decoder.model.layers[i].mlp.experts for i in streamed.config.moe_layers]
     assert len(moes) == 3 and all(m.streaming(40) for m in moes) and len({id(m.streamer) for m in moes}) == 1
     assert rel(streamed.logits(ids), plain.logits(ids)) <= 1e-5
     streamer = moes[0].streamer
@@ -197,11 +197,11 @@ def test_kt_backend_end_to_end_agrees_with_torch(tiny_dir):
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
     ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
     kt = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="kt")))
-    assert kt.model.model.layers[1].mlp.experts.cpu.name == "kt"
+    assert kt.decoder.model.layers[1].mlp.experts.cpu.name == "kt"
     plain = load_model(tiny_dir, Layout.on("cpu", experts=TORCH))
     ckpt = Checkpoint(tiny_dir)
     for i in plain.config.moe_layers:
-        plain.model.model.layers[i].mlp.experts.cpu = TorchExperts(ckpt.experts(i, torch.bfloat16), torch.bfloat16)
+        plain.decoder.model.layers[i].mlp.experts.cpu = TorchExperts(ckpt.experts(i, torch.bfloat16), torch.bfloat16)
     ref = plain.logits(ids)
     got = kt.logits(ids)
     assert rel(got, ref) <= 8e-2

@@ -69,7 +69,11 @@ FAULTS = {  # name -> (change to the profile, what the message must say)
     "experts on a dense layer": (_set("gpu_experts.0", [1, 2]), "gpu_experts.0: layer 0 is a dense layer"),
     "layer not covered": (_set("devices.layers.0.last", 50), "devices.layers: layers 51-60 are in no range"),
     "kv smaller than context": (_set("kv_cache.concurrency", 2),
-                                "kv_cache.max_tokens: 262144 is less than context_length x concurrency = 524288"),
+                                "kv_cache.max_tokens: 262144 is less than concurrency x context_length in whole "
+                                "pages of 16 = 524288"),
+    "kv not in whole pages": (_all(_set("kv_cache.max_tokens", 262150), _set("kv_cache.max_pages", 16385)),
+                              "kv_cache.max_tokens: 262150 is not a whole number of pages of 16 (the runtime "
+                              "allocates whole pages) (fix: set it to 262160 and max_pages to 16385)"),
     "host tier not in pages": (_set("kv_cache.host_tokens", 131080),
                                "kv_cache.host_tokens: 131080 is not a whole number of pages of 16"),
     "missing field": (_drop("cpu.threads"), "cpu.threads: Field required (fix: add this field)"),
@@ -84,9 +88,12 @@ FAULTS = {  # name -> (change to the profile, what the message must say)
     "torch backend with an AMX method": (_all(_set("cpu.backend", "torch"), _set("cpu.method", "amx_int4")),
                                          "cpu.backend: the torch backend runs experts as stored"),
     "kt without AVX2": (_set("hardware.cpu.isa", []), "cpu.backend: kt-kernel's MoE kernels need AVX2 at least"),
-    "page size": (_all(_set("kv_cache.page_size", 24), _set("kv_cache.host_tokens", 24 * 5461)),
+    "page size": (_all(_set("kv_cache.page_size", 24), _set("kv_cache.max_pages", 10923),
+                       _set("kv_cache.host_tokens", 24 * 5461)),
                   "kv_cache.page_size: 24 is not a power of two"),
-    "too few pages": (_set("kv_cache.max_pages", 100), "kv_cache.max_pages: 100 pages do not hold max_tokens 262144"),
+    "too few pages": (_set("kv_cache.max_pages", 100),
+                      "kv_cache.max_pages: 100 pages do not hold max_tokens 262144 (fix: set it to "
+                      "max_tokens / page_size = 16384)"),
     "context over the model's maximum": (_all(_set("model.max_position_embeddings", 65536), _rehash),
                                          "kv_cache.context_length: 262144 exceeds the model's max_position_embeddings"),
     "stream buffer on the CPU": (_set("prefill.stream_buffer_mib.cpu", 64),

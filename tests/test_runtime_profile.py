@@ -24,10 +24,10 @@ def test_tiny_model_follows_its_shipped_profile(tiny_dir):
     profile = Profile.load(TINY_PROFILE, model=tiny_dir)
     kt_runs = cpu_facts.kt().usable and profile.cpu.backend == "kt"
     model = load_model(tiny_dir, TINY_PROFILE)
-    m = model.model
-    assert str(m.model.embed_tokens.weight.device) == profile.device_of("embed")
-    assert str(m.lm_head.weight.device) == profile.device_of("lm_head")
-    for i, layer in enumerate(m.model.layers):
+    decoder = model.decoder
+    assert str(decoder.model.embed_tokens.weight.device) == profile.device_of("embed")
+    assert str(decoder.lm_head.weight.device) == profile.device_of("lm_head")
+    for i, layer in enumerate(decoder.model.layers):
         assert str(layer.device) == profile.device_of("attention", i)
         if i in model.config.moe_layers:
             experts = layer.mlp.experts
