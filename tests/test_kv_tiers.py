@@ -110,6 +110,16 @@ def test_decode_attention_in_blocks_equals_one_pass_over_padded_contexts(
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
 
 
+def test_a_block_of_consecutive_slots_is_read_in_place_and_a_scattered_one_gathered():
+    cache = KVCache(1, 64, 512, 64)
+    cache.write(0, torch.arange(64), torch.randn(64, 512), torch.randn(64, 64))
+    data = cache.tiers[0][0].data
+    (a, _), (b, _) = cache.blocks(0, 0, torch.arange(8, 40), 16)
+    assert (a.data_ptr(), b.data_ptr()) == (data[8].data_ptr(), data[24].data_ptr())  # views: no copy
+    (c, scale), = cache.blocks(0, 0, torch.tensor([3, 1, 2]), 16)
+    assert scale is None and torch.equal(c, data[[3, 1, 2]])
+
+
 def test_fp8_codes_decode_to_their_values_with_integer_ops():
     """Every e4m3 code in the normal range decodes exactly; zero and the subnormals (below 2^-6)
     read within 2^-7 of their value; nothing is NaN (the writer never stores e4m3's NaN codes)."""
