@@ -104,7 +104,7 @@ def test_decode_attention_in_blocks_equals_one_pass_over_padded_contexts(
     q_pe = torch.randn(len(lengths), cfg.num_attention_heads, cfg.qk_rope_head_dim, generator=g)
     index, mask = part.padded
     want = mla._attend(q_latent, q_pe, *cache.read_tier(0, 0, index), mask[:, None])
-    with patch.object(attention, "BLOCK_TOKENS", block):
+    with patch.object(attention, "BLOCK_TOKENS", block), patch.object(attention, "PADDED_MAX_TOKENS", 0):
         got = mla._attend_tier(q_latent, q_pe, cache, part)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
