@@ -159,11 +159,11 @@ def tiers(p, context: int) -> tuple[int, int]:
     return on_device, context - on_device
 
 
-def _host_attention(b: Breakdown, spec: ModelSpec, p, n: int, tokens: int) -> float:
-    """The CPU's part of one layer's split decode attention: reading `tokens` latents of each of n
-    sequences from host RAM, attending to them in the absorbed form at the rate the CPU reaches
-    there (FP8 latents decoded on the way), and the two hand-offs of the queries and the partial
-    results (fp32 latents and log-sum-exp)."""
+def _cpu_attention(b: Breakdown, spec: ModelSpec, p, n: int, tokens: int) -> float:
+    """One layer's decode attention over `tokens` latents of each of n sequences in host RAM: reading
+    them and attending to them in the absorbed form at the rate the CPU reaches there (FP8 latents
+    decoded on the way). The whole context where attention runs on the CPU; the host tier's part
+    where it runs on a GPU."""
     a, fp8 = spec.arch, p.kv_cache.dtype == "fp8"
     read = b.add("host KV bytes / host bandwidth",
                  n * tokens * spec.kv_bytes_per_token_layer(p.kv_cache.dtype) / (b.fig.host_gbps * 1e9))
@@ -173,7 +173,7 @@ def _host_attention(b: Breakdown, spec: ModelSpec, p, n: int, tokens: int) -> fl
     if fp8:
         values = n * tokens * (a.kv_lora_rank + a.qk_rope_head_dim)
         compute += b.add("host FP8 latents decoded on the CPU", values / (b.fig.fp8_decode_gvalues * 1e9))
-    return max(read, compute) + 2 * b.link(n * a.num_attention_heads * (a.kv_lora_rank + 1) * 4)
+    return max(read, compute)
 
 
 def decode(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None,
@@ -188,11 +188,17 @@ def decode(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | Non
     for layer in range(a.num_hidden_layers):
         dev = p.device_of("attention", layer)
         total += b.link(act) if dev != where else 0.0
-        near, far = tiers(p, ctx) if dev != "cpu" else (ctx, 0)
-        kv = n * near * spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
-        pre = b.module(dev, spec.bytes["attention"] + kv, n * spec.attention_flops(near, absorbed=True))
-        if far:
-            pre = max(pre, _host_attention(b, spec, p, n, far))
+        if dev == "cpu":  # its projections, then the whole context as the CPU attends to it
+            pre = b.module(dev, spec.bytes["attention"], n * spec.attention_flops(0, absorbed=True))
+            pre += _cpu_attention(b, spec, p, n, ctx)
+        else:
+            near, far = tiers(p, ctx)
+            kv = n * near * spec.kv_bytes_per_token_layer(p.kv_cache.dtype)
+            pre = b.module(dev, spec.bytes["attention"] + kv, n * spec.attention_flops(near, absorbed=True))
+            if far:  # the host tier's part beside the device's, with the hand-offs of the queries and
+                # of the partial results (fp32 latents and log-sum-exp)
+                handoffs = 2 * b.link(n * a.num_attention_heads * (a.kv_lora_rank + 1) * 4)
+                pre = max(pre, _cpu_attention(b, spec, p, n, far) + handoffs)
         if not a.is_moe(layer):
             total += pre + b.module(p.device_of("dense", layer), spec.bytes["dense"], n * 2 * spec.params["dense"])
             where = p.device_of("dense", layer)
