@@ -123,6 +123,20 @@ def test_decode_curve_charges_the_host_tier_its_kv_reads_and_attention_flops():
     assert steps["fp8"] > steps["bf16"]  # the host tier is bound by FLOPs: FP8's decoding is extra time
 
 
+def test_a_cpu_only_plan_charges_its_whole_context_at_the_cpus_attention_rate():
+    """With attention on the CPU, every token of the context is attended as the host tier's are: its
+    FLOPs at the share of the CPU's peak that decode attention reaches, counted here by hand for
+    Kimi without a GPU at 128K tokens, with no hand-off to another device."""
+    p = plan(KIMI, describe([], "1TB", **XEON))
+    fig = cost.figures(p.hardware, p.cpu.backend, p.cpu.method, p.cpu.threads)
+    a, context = KIMI.arch, 131072
+    flops = context * a.num_hidden_layers * 2 * a.num_attention_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
+    terms = cost.decode(p, KIMI, fig, context=context)[1]
+    assert terms["CPU attention FLOPs / CPU attention rate"] == pytest.approx(
+        flops / (fig.torch_tflops * cost.CPU_ATTENTION_EFFICIENCY) / 1e9, rel=1e-4)
+    assert "PCIe transfers" not in terms
+
+
 def test_no_gpu_gives_a_cpu_only_plan():
     p = plan(KIMI, describe([], "1TB", **XEON))
     assert {p.device_of(g, layer) for g in ("attention", "router", "shared") for layer in range(1, 61)} == {"cpu"}
