@@ -43,6 +43,16 @@ class HybridModel:
         """Float32 logits of `batch` (its last position per sequence, or the rows `logits_index` picks)."""
         return self.decoder(batch, cache, logits_index=logits_index)
 
+    def warm_up(self) -> None:
+        """Run what the first requests would otherwise wait for: a short prefill and decode steps
+        of one and of two sequences, on a scratch cache, so the compiled CPU kernels are built
+        (compiled.py) and each module has run once."""
+        cache, zeros = self.new_cache(6), lambda n: torch.zeros(n, dtype=torch.long)
+        slots = [torch.arange(0, 3), torch.arange(3, 6)]
+        self.forward(ForwardBatch(zeros(4), torch.tensor([0, 1, 0, 1]), [2, 2], [s[:2] for s in slots]), cache)
+        self.forward(ForwardBatch.single(zeros(1), 2, slots[0]), cache)
+        self.forward(ForwardBatch(zeros(2), torch.tensor([2, 2]), [1, 1], slots), cache)
+
     def moe_experts(self) -> list:
         """Each MoE layer's routed-expert executor (a HybridExperts), in layer order."""
         return [layer.mlp.experts for layer in self.decoder.model.layers if hasattr(layer.mlp, "experts")]
@@ -110,7 +120,7 @@ def load_model(path: str | Path, profile=None, device: str | None = None,
     mismatched profile is refused with every problem listed. Without one, every dense module goes
     to `device` (default cpu) and routed experts to the default CPU backend; with one, `device`
     stands in for the GPUs it names. `progress(done, total)` is called as MoE layers load; `stats` records routing.
-    `dense`: the kernel of the dense projections on the CPU (`torch` or `onednn`; default: the
+    `dense`: the kernel of the dense projections on the CPU (`torch`, `onednn` or `compiled`; default: the
     fastest here, see hybrid/model/dense_kernel.py).
     """
     path = Path(path)

@@ -52,7 +52,8 @@ class ComputePath:
         if self.backend == "kt" and cpu.kt().reason:
             return cpu.kt().reason
         if self.dense and self.dense not in dense_kernel.supported():
-            return f"the {self.dense} dense kernel needs bf16 instructions"
+            return {"onednn": "the onednn dense kernel needs bf16 instructions",
+                    "compiled": "the compiled dense kernel needs a C++ compiler"}[self.dense]
         return None
 
     def load(self, folder):
@@ -98,6 +99,8 @@ PATHS = (
     # Generation's own path: one token a step, attention absorbed into the latents of the cache.
     ComputePath("bf16, decode", 0.005, backend="torch", dense="torch", kv_dtype="bf16", decode=True,
                 note="one token a step, absorbed attention over the bf16 latent cache (what generation runs)"),
+    ComputePath("bf16, decode, compiled GEMV", 0.005, backend="torch", dense="compiled", kv_dtype="bf16",
+                decode=True, note="the same with the dense projections on the compiled GEMV (compiled.py)"),
     ComputePath("bf16, decode, FP8 KV cache", 0.005, backend="torch", dense="torch", kv_dtype="fp8", decode=True,
                 note="the same over latents stored as float8 e4m3 (kv_cache.dtype: fp8)"),
     ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),

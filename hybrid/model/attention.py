@@ -8,7 +8,9 @@ heads; only those are cached. Two ways to attend to them, equal in exact arithme
   directly on the latents; cheap when few queries read a long context.
 Decode attends to each tier of the cache where it lives (kv_cache.py: the GPU over its pages, the
 CPU over the host's) and merges the parts exactly by their log-sum-exp, as split-K flash-decoding
-merges blocks. `kv_b_proj` is held as its two halves, each contiguous per head (`w_uk` makes keys,
+merges blocks. On the CPU, a decode step whose contexts lie in one tier and are short enough to pad
+runs `compiled.absorbed_attention`: the same math as `_absorb`, `_attend` and `_output`, as one
+kernel. `kv_b_proj` is held as its two halves, each contiguous per head (`w_uk` makes keys,
 `w_uv` values): both ways read them in place, where slices of the checkpoint's one matrix would be
 copied at every step.
 """
@@ -21,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid.model import compiled
 from hybrid.model.batch import ForwardBatch, TierSlots
+from hybrid.model.dense_kernel import CompiledLinear
 from hybrid.model.kv_cache import KVCache
 from hybrid.model.norm import RMSNorm
 from hybrid.model.rope import Rope, apply_rope
@@ -62,6 +66,7 @@ class MLA(nn.Module):
         self.w_uk = nn.Parameter(torch.empty(self.n_heads, self.nope, self.rank), requires_grad=False)
         self.w_uv = nn.Parameter(torch.empty(self.n_heads, self.v_dim, self.rank), requires_grad=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.compiled_decode = True  # decode over a short CPU context as one compiled kernel, where one builds
 
     def load_kv_b(self, weight: torch.Tensor) -> None:
         """Take the checkpoint's kv_b_proj [heads * (nope + v), rank] as its two halves."""
@@ -71,22 +76,19 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: Rope, cache: KVCache | None) -> torch.Tensor:
         n = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(n, self.n_heads, self.nope + self.rope_dim)
-        cos, sin = rope.cos_sin(batch.positions)
-        q_nope, q_rope = q[..., : self.nope], apply_rope(q[..., self.nope:], cos, sin)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
+        q_nope, q_rope, latent, k_rope = self._inputs(x, *rope.cos_sin(batch.positions))
 
         out = torch.empty(n, self.n_heads, self.v_dim, dtype=x.dtype, device=x.device)
         if cache is not None:
             new = [slots[-q_len:] for slots, q_len in zip(batch.slots, batch.q_lens)]
             cache.write(self.layer, torch.cat(new), latent, k_rope)
         seqs, rows, tiers = batch.single_queries  # decode: all sequences in one pass
-        if seqs:
+        if seqs and self._compiled_here(cache, tiers):
+            index, mask = tiers[0].padded
+            latent, k_rope = cache.read_tier(self.layer, tiers[0].tier, index)
+            out[rows] = compiled.absorbed_attention(self.w_uk, self.w_uv, q_nope[rows], q_rope[rows], latent, k_rope,
+                                                    mask, self.scale)
+        elif seqs:
             rows = rows.to(x.device)
             q = self._absorb(q_nope[rows, None], q_rope[rows, None])
             # the queries reach each tier's memory before any part starts, so the GPU's part runs
@@ -113,6 +115,34 @@ class MLA(nn.Module):
             else:
                 out[rows] = self._expanded(q_nope[rows], q_rope[rows], ctx_latent, ctx_rope, mask)
         return self.o_proj(out.reshape(n, -1))
+
+    def _inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The queries [n, heads, nope] and [n, heads, rope], the latents [n, rank] (normalised) and
+        the rope keys [n, rope] of tokens x [n, hidden]; one token on the compiled GEMV as one
+        compiled kernel (`compiled.mla_inputs`)."""
+        n = x.shape[0]
+        projections = (getattr(self, name, None) for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"))
+        if n == 1 and self.compiled_decode and compiled.available() and all(
+                type(p) is CompiledLinear for p in projections):
+            out = compiled.mla_inputs(x[0], self.q_a_proj.weight, self.q_a_layernorm.weight, self.q_b_proj.weight,
+                                      self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, cos, sin,
+                                      self.q_a_layernorm.eps, self.n_heads, self.nope, self.rank)
+            return tuple(t[None] for t in out)
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(n, self.n_heads, self.nope + self.rope_dim)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        return (q[..., : self.nope], apply_rope(q[..., self.nope:], cos, sin), self.kv_a_layernorm(latent),
+                apply_rope(k_rope, cos, sin))
+
+    def _compiled_here(self, cache: KVCache, tiers: list[TierSlots]) -> bool:
+        """Whether this step's decode attention runs the compiled kernel: all of it on the CPU, in
+        one tier, over contexts short enough to pad (longer ones read the cache in blocks)."""
+        return (self.compiled_decode and compiled.available() and len(tiers) == 1
+                and cache.tier_device(self.layer, tiers[0].tier).type == "cpu"
+                and self.w_uk.device.type == "cpu" and max(len(s) for s in tiers[0].slots) <= PADDED_MAX_TOKENS)
 
     def _mask(self, q_len: int, ctx_len: int, device) -> torch.Tensor:
         """Causal mask for the last q_len positions of a ctx_len context: [q_len, ctx_len] bool."""

@@ -41,10 +41,12 @@ class Serving:
         """Load a checkpoint folder and start its engine thread. `profile`: what `load_model`
         takes (a placement Profile or its path, Settings, ...), which also sizes the KV cache unless
         `config` is given; `model_name` defaults to the folder's name; `progress(done, total)`
-        follows the loading."""
+        follows the loading. The model runs a warm-up before the engine starts (`warm_up`)."""
         folder = Path(folder)
         tokenizer = Tokenizer.from_pretrained(folder)
-        engine = Engine(load_model(folder, profile, dtype=dtype, progress=progress), tokenizer, config)
+        model = load_model(folder, profile, dtype=dtype, progress=progress)
+        model.warm_up()
+        engine = Engine(model, tokenizer, config)
         name = model_name or folder.name
         return cls(EngineThread(engine).start(), tokenizer, name, Metrics(engine), summary(engine, name))
 
