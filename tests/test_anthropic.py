@@ -293,18 +293,24 @@ def test_effort_bounds_the_reasoning(client, serving, engine):
         assert [b.type for b in reply.content] == blocks, effort
 
 
-def test_max_tokens_beyond_the_context_is_clamped_not_refused(server, serving):
+def test_max_tokens_beyond_the_context_is_clamped_not_refused(server, serving, monkeypatch):
     """Claude Code asks for 64,000 tokens whatever the server's context: the request is served,
     its reply bounded by the room the context leaves (where it would stop with max_tokens)."""
+    engine, added = serving.thread.engine, []
+    add = engine.add_request
+
+    def recording(*args, **kwargs):  # the sequence as admitted, before it can finish
+        request_id = add(*args, **kwargs)
+        added.append(engine.requests[request_id])
+        return request_id
+
     body = {"model": "m", "max_tokens": 10**9, "stream": True, "messages": HI}
+    monkeypatch.setattr(engine, "add_request", recording)
     with httpx.stream("POST", server.url + "/v1/messages", json=body, headers={"x-api-key": KEY}) as r:
         assert r.status_code == 200
-        lines = r.iter_lines()
-        assert next(lines) == "event: message_start"
-        while not serving.thread.engine.requests:
-            time.sleep(0.001)
-        [seq] = serving.thread.engine.requests.values()
-        assert seq.max_tokens == serving.thread.engine.max_model_len - seq.num_prompt_tokens
+        assert next(r.iter_lines()) == "event: message_start"
+    [seq] = added
+    assert seq.max_tokens == engine.max_model_len - seq.num_prompt_tokens
 
 
 def test_openai_endpoint_preserves_thinking_only_when_asked(server, serving, engine):
