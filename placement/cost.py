@@ -21,11 +21,13 @@ KT_DECODE_GBPS_PER_THREAD = 6.0  # INT4 weights one kt-kernel worker streams at 
 CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of weights, 85 GB/s read
 TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read bandwidth
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
-# (hybrid/model/dense_kernel.py): oneDNN where the CPU has bf16 instructions, else torch's matmul.
+# (hybrid/model/dense_kernel.py): on Zen 4 the compiled GEMV; on AVX2 the planner assumes torch's
+# matmul (not measured there against the compiled GEMV, which the runtime times at load as well).
 # Per kernel: the share of the host read bandwidth (a torch sum, all threads) it reaches for one
-# token (measured on Zen 4: oneDNN 24 of 38-52 GB/s, torch 14), and bf16 GEMM FLOP/s per core
-# (measured: Zen 4 0.2; AVX2 0.01, no bf16 units).
-DENSE_EFFICIENCY = {"onednn": 0.55, "torch": 0.3}
+# token (measured on Zen 4: the compiled GEMV 33-40 of 38-54 GB/s in a decode step's lm_head,
+# oneDNN 24 of 38-52, torch 14), and bf16 GEMM FLOP/s per core (measured: Zen 4 0.2; AVX2 0.01,
+# no bf16 units).
+DENSE_EFFICIENCY = {"compiled": 0.75, "onednn": 0.55, "torch": 0.3}
 DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
 # Decode attention over the host tier (hybrid/model/attention.py: one token's heads against a
 # context read in blocks) has only one row per head in its matmuls, where the CPU's GEMM reaches a
@@ -78,7 +80,7 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
     else:
         decode, rate = host * TORCH_EFFICIENCY, NO_AMX_TFLOPS_PER_THREAD
     isa = next((i for i in ("amx", "avx512_bf16") if cpu.has(i)), "avx2")
-    dense_kernel = "torch" if isa == "avx2" else "onednn"
+    dense_kernel = "torch" if isa == "avx2" else "compiled"
     return Figures(
         gpu_gbps=tuple(m.gpu_gbps or t[1] * GPU_BW_EFFICIENCY for t in table),
         gpu_tflops=tuple(m.gpu_tflops or t[2] * GPU_FLOPS_EFFICIENCY for t in table),
