@@ -161,6 +161,7 @@ def bench(
     s = settings(folder, profile or plan_here(folder))
     with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
         loaded = load_model(folder, s)
+        loaded.warm_up()  # as `hybrid serve` does before it serves
         table = compare(loaded, s.profile, prompt, decode)
     console.print(table)
     with console.status("timing one decode step and one prefill by part, and this machine's floors"):

@@ -72,24 +72,25 @@ PACKED = {"onednn": OneDNNLinear, "compiled": CompiledLinear}
 
 
 @functools.cache
-def fastest(rows: int = 8192, cols: int = 4096) -> str:
+def fastest(rows: int = 8192, cols: int = 4096, rounds: int = 7) -> str:
     """The kernel that runs a one-token projection of a rows x cols bf16 weight (64 MiB: beyond the
-    caches) fastest here; the best of a few calls each."""
+    caches) fastest here: each kernel's best call, the kernels taking turns round by round, so that
+    a swing in the host's bandwidth (this can move by 2x within minutes on a shared VM) does not
+    fall on one kernel's calls only."""
     kernels = supported()
     if len(kernels) == 1:
         return kernels[0]
     weight = torch.full((rows, cols), 0.01, dtype=torch.bfloat16)  # values do not change the speed
     x = torch.ones(1, cols, dtype=torch.bfloat16)
-    best = {}
-    for kernel in kernels:
-        f = PACKED[kernel](weight) if kernel in PACKED else functools.partial(F.linear, weight=weight)
+    calls = {k: PACKED[k](weight) if k in PACKED else functools.partial(F.linear, weight=weight) for k in kernels}
+    best = dict.fromkeys(kernels, float("inf"))
+    for f in calls.values():
         f(x)
-        times = []
-        for _ in range(5):
+    for _ in range(rounds):
+        for kernel, f in calls.items():
             start = time.perf_counter()
             f(x)
-            times.append(time.perf_counter() - start)
-        best[kernel] = min(times)
+            best[kernel] = min(best[kernel], time.perf_counter() - start)
     return min(best, key=best.get)
 
 
