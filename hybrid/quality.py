@@ -99,10 +99,10 @@ PATHS = (
     # Generation's own path: one token a step, attention absorbed into the latents of the cache.
     ComputePath("bf16, decode", 0.005, backend="torch", dense="torch", kv_dtype="bf16", decode=True,
                 note="one token a step, absorbed attention over the bf16 latent cache (what generation runs)"),
-    ComputePath("bf16, decode, compiled GEMV", 0.005, backend="torch", dense="compiled", kv_dtype="bf16",
-                decode=True, note="the same with the dense projections on the compiled GEMV (compiled.py)"),
     ComputePath("bf16, decode, FP8 KV cache", 0.005, backend="torch", dense="torch", kv_dtype="fp8", decode=True,
                 note="the same over latents stored as float8 e4m3 (kv_cache.dtype: fp8)"),
+    ComputePath("bf16, decode, compiled GEMV", 0.005, backend="torch", dense="compiled", kv_dtype="bf16",
+                decode=True, note="one token a step with the dense projections on the compiled GEMV (compiled.py)"),
     ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
     ComputePath("bf16, all experts on the GPU", 0.005, device="cuda", gpu_experts=True,
          note="every routed expert in the GPU's hot-expert cache"),
