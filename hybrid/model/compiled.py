@@ -2,8 +2,10 @@
 is a pass over a weight or over a short context, and as one generated loop it runs at close to the
 memory's speed, where a chain of torch ops pays a thread wake-up and an intermediate per op.
 
-Built on first use, once per process (Inductor keeps the built code on disk for the next). They
-need a C++ compiler: where none works, `available()` is False and callers keep torch's ops."""
+Built on first use, once per process. Inductor's cache of whole compiled graphs on disk is off
+for them: in a later process it handed back graphs built for other input layouts (wrong logits,
+once a double free); its cache of built C++ code, keyed by the code itself, stays on. They need a
+C++ compiler: where none works, `available()` is False and callers keep torch's ops."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ def _dot(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weight.float() * x.float()).sum(-1).to(x.dtype)
 
 
-_gemv = torch.compile(_dot, dynamic=True)
+COMPILE = {"dynamic": True, "options": {"fx_graph_cache": False}}
+_gemv = torch.compile(_dot, **COMPILE)
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +38,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return _gemv(weight, x)
 
 
-@torch.compile(dynamic=True)
+@torch.compile(**COMPILE)
 def _mla_inputs(x, w_qa, qa_norm, w_qb, w_kva, kva_norm, cos, sin, eps: float, heads: int, nope: int, rank: int):
     q = _dot(w_qb, rms_norm(_dot(w_qa, x), qa_norm, eps)).view(heads, -1)
     kv = _dot(w_kva, x)
@@ -54,7 +57,7 @@ def mla_inputs(x: torch.Tensor, w_qa: torch.Tensor, qa_norm: torch.Tensor, w_qb:
         return _mla_inputs(x, w_qa, qa_norm, w_qb, w_kva, kva_norm, cos, sin, eps, heads, nope, rank)
 
 
-@torch.compile(dynamic=True)
+@torch.compile(**COMPILE)
 def _absorbed_attention(w_uk, w_uv, q_nope, q_pe, latent, k_rope, mask, scale: float):
     q = (w_uk.float()[None] * q_nope.float()[..., None]).sum(2)  # [S, heads, rank]
     scores = ((q[:, :, None] * latent.float()[:, None]).sum(-1)
