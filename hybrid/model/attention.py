@@ -122,8 +122,7 @@ class MLA(nn.Module):
         compiled kernel (`compiled.mla_inputs`)."""
         n = x.shape[0]
         projections = (getattr(self, name, None) for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"))
-        if n == 1 and self.compiled_decode and compiled.available() and all(
-                type(p) is CompiledLinear for p in projections):
+        if n == 1 and self.compiled_decode and all(type(p) is CompiledLinear for p in projections):
             out = compiled.mla_inputs(x[0], self.q_a_proj.weight, self.q_a_layernorm.weight, self.q_b_proj.weight,
                                       self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, cos, sin,
                                       self.q_a_layernorm.eps, self.n_heads, self.nope, self.rank)
@@ -142,7 +141,7 @@ class MLA(nn.Module):
         one tier, over contexts short enough to pad (longer ones read the cache in blocks)."""
         return (self.compiled_decode and compiled.available() and len(tiers) == 1
                 and cache.tier_device(self.layer, tiers[0].tier).type == "cpu"
-                and self.w_uk.device.type == "cpu" and max(len(s) for s in tiers[0].slots) <= PADDED_MAX_TOKENS)
+                and self.w_uk.device.type == "cpu" and tiers[0].longest <= PADDED_MAX_TOKENS)
 
     def _mask(self, q_len: int, ctx_len: int, device) -> torch.Tensor:
         """Causal mask for the last q_len positions of a ctx_len context: [q_len, ctx_len] bool."""
@@ -188,7 +187,7 @@ class MLA(nn.Module):
         the CPU over longer ones, each over its own slots in blocks (`_attend_blocks`), so no padded
         copy, mask or [heads, context] scores are made."""
         if (cache.tier_device(self.layer, part.tier).type != "cpu"
-                or max(len(slots) for slots in part.slots) <= PADDED_MAX_TOKENS):
+                or part.longest <= PADDED_MAX_TOKENS):
             index, mask = part.padded
             latent, k_rope = cache.read_tier(self.layer, part.tier, index)
             return self._attend(q_latent, q_pe, latent, k_rope, mask.to(q_latent.device)[:, None])

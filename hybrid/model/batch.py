@@ -62,12 +62,16 @@ class TierSlots:
     fill: int  # a slot of this tier, for padding
 
     @cached_property
+    def longest(self) -> int:
+        """The most slots any sequence has here: every layer of a step asks it."""
+        return max(len(s) for s in self.slots)
+
+    @cached_property
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots padded to the longest [S, C] and a mask [S, C] that is False on the padding:
         the shape batched attention on a GPU takes."""
-        longest = max(len(s) for s in self.slots)
-        index = torch.full((len(self.slots), longest), self.fill, dtype=torch.long)
-        mask = torch.zeros(len(self.slots), longest, dtype=torch.bool)
+        index = torch.full((len(self.slots), self.longest), self.fill, dtype=torch.long)
+        mask = torch.zeros(len(self.slots), self.longest, dtype=torch.bool)
         for row, s in enumerate(self.slots):
             index[row, : len(s)] = s
             mask[row, : len(s)] = True
