@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from placement.errors import PlacementError
 from placement.memory import GIB, LAYER_GROUPS, host_reserve, usage
-from placement.model_spec import Arch
+from placement.model_spec import Arch, int4_dot_fits
 
 if TYPE_CHECKING:
     from placement.profile import Profile
@@ -163,6 +163,21 @@ def _cpu(p: Profile, out: list) -> None:
     if c.backend == "kt" and not cpu.has("avx2"):
         out.append(Problem("cpu.backend", "kt-kernel's MoE kernels need AVX2 at least, which the profile's CPU lacks",
                            f"use backend torch with method {'int4_kgroup' if quant == 'int4' else 'bf16'}"))
+    if c.backend == "dot":
+        a = p.model
+        if not cpu.has("avx2"):
+            out.append(Problem("cpu.backend", "the INT4 dot kernel needs AVX2 at least, which the profile's CPU lacks",
+                               "use backend torch"))
+        if quant != "int4":
+            out.append(Problem("cpu.backend", f"the INT4 dot kernel runs INT4 checkpoints as stored; this one stores "
+                               f"{quant}", "use backend kt"))
+        elif c.method != "int4_kgroup":
+            out.append(Problem("cpu.backend", f"the INT4 dot kernel runs INT4 experts as stored (int4_kgroup), not "
+                               f"{c.method}", "use method int4_kgroup, or backend kt"))
+        elif not int4_dot_fits(a.hidden_size, a.moe_intermediate_size, a.group_size):
+            out.append(Problem("cpu.backend", f"the INT4 dot kernel takes hidden and expert sizes divisible by 128 "
+                               f"and scale groups of 32, 64 or 128; this model has {a.hidden_size}, "
+                               f"{a.moe_intermediate_size} and {a.group_size}", "use backend kt"))
 
 
 def _kv(p: Profile, out: list) -> None:

@@ -20,6 +20,11 @@ HOST_GBPS_PER_NUMA_NODE = 200.0  # assumed: an 8-channel DDR5 socket at about 65
 KT_DECODE_GBPS_PER_THREAD = 6.0  # INT4 weights one kt-kernel worker streams at T = 1 (measured 5-7)
 CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of weights, 85 GB/s read
 TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read bandwidth
+# The INT4 dot kernel (hybrid/experts/dot): at T = 1 a core is bound by its vector units, not the
+# memory; with enough cores, by the memory. Prefill: its integer dot products on many tokens.
+DOT_DECODE_GBPS_PER_THREAD = 14.0  # INT4 weights with scales per thread in a decode step (Zen 4, 2 threads)
+DOT_HOST_SHARE = 0.8  # assumed: the share of host read bandwidth it reaches once memory-bound
+DOT_PREFILL_TFLOPS_PER_THREAD = 0.14  # measured: 2,048-token prefill of `mini`, Zen 4, 2 threads
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
 # (hybrid/model/dense_kernel.py): on Zen 4 the compiled GEMV; on AVX2 the planner assumes torch's
 # matmul (not measured there against the compiled GEMV, which the runtime times at load as well).
@@ -72,7 +77,10 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
     m, cpu = hw.measured, hw.cpu
     table = [gpu_figures(g.name) for g in hw.gpus]
     host = m.host_gbps or min(cpu.cores * HOST_GBPS_PER_THREAD, cpu.numa_nodes * HOST_GBPS_PER_NUMA_NODE)
-    if backend == "kt":
+    if backend == "dot":
+        decode = min(host * DOT_HOST_SHARE, threads * DOT_DECODE_GBPS_PER_THREAD)
+        rate = DOT_PREFILL_TFLOPS_PER_THREAD
+    elif backend == "kt":
         per_thread = m.cpu_decode_gbps_per_thread or KT_DECODE_GBPS_PER_THREAD
         decode = min(host, threads * per_thread) * CPU_DECODE_EFFICIENCY
         rate = PREFILL_TFLOPS_PER_THREAD[method] if cpu.has("amx") or method == "int4_kgroup" \

@@ -37,7 +37,7 @@ def sglang(p: Profile, model_dir: str = "MODEL_DIR") -> str:
              "across GPUs by tensor parallel, not by range).",
              f"The --kt-* options exist only in kvcache-ai's SGLang build: `pip install {SGLANG_KT}` (uninstall "
              "the official `sglang` first), with kt-kernel."]
-    if p.cpu.backend != "kt":
+    if p.cpu.backend == "torch":
         notes.append("kt-kernel does not run on this plan's CPU (its experts run on the torch backend): this "
                      "command will not run there.")
     weights = model_dir

@@ -49,8 +49,9 @@ class CPU(BaseModel):
     numa_nodes: int = Field(default=1, ge=1)
     isa: list[str] = Field(default_factory=list)  # subset of ISA_LEVELS
     # The CPU expert backend that proved itself on this machine (`hybrid doctor` shows it); unset
-    # for a described machine, where kt-kernel is assumed wherever there is AVX2.
-    expert_backend: Literal["kt", "torch"] | None = None
+    # for a described machine, where the INT4 dot kernel (INT4 checkpoints) or kt-kernel is
+    # assumed wherever there is AVX2.
+    expert_backend: Literal["dot", "kt", "torch"] | None = None
 
     def has(self, isa: str) -> bool:
         return isa in self.isa

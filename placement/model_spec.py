@@ -184,6 +184,12 @@ def checkpoint_tensors(a: Arch) -> Iterator[Tensor]:
     yield from module_tensors(a, "lm_head")
 
 
+def int4_dot_fits(hidden: int, intermediate: int, group: int) -> bool:
+    """Whether the runtime's INT4 dot kernel (hybrid/experts/dot) takes experts of these sizes: it
+    reads 128 values per step and expands one load of scales over groups of 32, 64 or 128."""
+    return hidden % 128 == 0 and intermediate % 128 == 0 and group in (32, 64, 128)
+
+
 def expert_bytes_held(method: str, hidden: int, intermediate: int, group: int) -> int:
     """One routed expert (gate, up, down) as a CPU method holds it in host memory: 4-bit values
     with a 4-byte scale per group for INT4 as stored (kt-kernel's copy keeps fp32 scales, torch's

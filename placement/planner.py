@@ -18,7 +18,7 @@ from placement import cost
 from placement.errors import PlacementError
 from placement.hardware import Hardware
 from placement.memory import GIB, MIB, host_reserve, stream_buffer_bytes, usage, workspace_bytes
-from placement.model_spec import ModelSpec
+from placement.model_spec import ModelSpec, int4_dot_fits
 from placement.profile import (
     PROFILE_VERSION,
     CpuSection,
@@ -76,17 +76,21 @@ class Request:
 
 
 def choose_cpu(spec: ModelSpec, hw: Hardware) -> CpuSection:
-    """kt-kernel on any CPU with AVX2 (its builds cover AVX2, AVX-512 and AMX, and the runtime
-    proves each kernel at load), unless the machine is known to run another backend (what
-    `hybrid doctor` found here): INT4 checkpoints run as stored, float and FP8 ones are
-    re-quantized for AMX (int8 when all experts fit in RAM that way, else int4) or run as bf16.
-    Without AVX2, the portable torch backend. Threads: every physical core (kt-kernel's compute
-    threads take all but the last, which the driving thread shares with kt's queue and a share of
-    each expert's rows; hybrid/experts/kt/pool.py and row_split.py)."""
+    """On any CPU with AVX2: INT4 checkpoints run as stored on the runtime's INT4 dot kernel where
+    their sizes fit it (else on kt-kernel's K-group kernel); float and FP8 ones on kt-kernel,
+    re-quantized for AMX (int8 when all experts fit in RAM that way, else int4) or run as bf16 (the
+    runtime proves each kernel at load). A machine known to run another backend (what `hybrid
+    doctor` found there) keeps it. Without AVX2, the portable torch backend. Threads: every
+    physical core (kt-kernel's compute threads take all but the last, which the driving thread
+    shares with kt's queue and a share of each expert's rows; hybrid/experts/kt/pool.py and
+    row_split.py)."""
     cpu, a = hw.cpu, spec.arch
     threads = cpu.cores
     pools = cpu.pools(threads)
-    backend = cpu.expert_backend or ("kt" if cpu.has("avx2") else "torch")
+    dot = a.quant == "int4" and int4_dot_fits(a.hidden_size, a.moe_intermediate_size, a.group_size)
+    backend = cpu.expert_backend or ("torch" if not cpu.has("avx2") else "dot" if dot else "kt")
+    if backend == "dot" and not dot:
+        backend = "kt"
     if a.quant == "int4":
         return CpuSection(backend=backend, method="int4_kgroup", threads=threads, threadpools=pools)
     if cpu.has("amx") and backend == "kt":

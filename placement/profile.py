@@ -66,7 +66,7 @@ class Devices(_Section):
 
 
 class CpuSection(_Section):
-    backend: Literal["kt", "torch"]
+    backend: Literal["dot", "kt", "torch"]
     method: Literal[METHODS]
     threads: int = Field(ge=1)
     threadpools: int = Field(ge=1)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from hybrid.experts import cpu
 from hybrid.experts.choice import make_backend
+from hybrid.experts.dot import library
+from hybrid.experts.dot.backend import DotExperts
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
@@ -99,6 +101,8 @@ def kt(weights: ExpertWeights, **kw):
 
 INT4_BACKENDS = {
     "torch": (lambda w: TorchExperts(w), 1e-5),
+    "dot-avx512_vnni": (lambda w: DotExperts(w, "avx512_vnni"), 2e-2),  # int8 activations in blocks of 32
+    "dot-avx2": (lambda w: DotExperts(w, "avx2"), 2e-2),
     "torch-packed": (PackedInt4Experts, 1e-2),
     "kt-one-core": (lambda w: kt(w, threads=1), 2e-2),
     "kt-all-cores": (lambda w: kt(w), 2e-2),
@@ -131,6 +135,8 @@ def float16():
 def test_int4_parity(name, int4, monkeypatch):
     if name.startswith("kt") and not cpu.kt().usable:
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
+    if name.startswith("dot-") and (library.why_not() or name[4:] not in library.runnable()):
+        pytest.skip(f"the INT4 dot kernel's {name[4:]} code cannot run here: {library.why_not() or 'not this CPU'}")
     if name == "kt-avx2-kernel":
         only_kernel(monkeypatch, "int4_kgroup", "AVX2RawInt4_MOE")
     make, tol = INT4_BACKENDS[name]
@@ -310,18 +316,22 @@ def test_split_and_thread_placement(int4):
 
 
 @KT
-def test_make_backend_picks_kt_and_refuses_what_it_cannot_run(int4, caplog):
+@pytest.mark.skipif(library.why_not() is not None, reason=f"the INT4 dot kernel cannot run here: {library.why_not()}")
+def test_make_backend_picks_the_dot_kernel_or_kt_and_refuses_what_they_cannot_run(int4, caplog):
     from hybrid.experts.kt.backend import KTExperts
 
-    assert isinstance(make_backend(int4[0], 1), KTExperts)
+    assert isinstance(make_backend(int4[0], 1), DotExperts)
+    assert isinstance(make_backend(int4[0], 1, ExpertOptions(backend="kt")), KTExperts)
     with pytest.raises(ValueError, match="int4_kgroup"):
-        make_backend(int4[0], 1, ExpertOptions(method="amx_int8"))
+        make_backend(int4[0], 1, ExpertOptions(backend="kt", method="amx_int8"))
     odd = first_96_rows(int4_weights()[0])
     with caplog.at_level(logging.WARNING):
-        assert isinstance(make_backend(odd, 1), PackedInt4Experts)  # kt-kernel crashes on 96 rows
+        assert isinstance(make_backend(odd, 1), PackedInt4Experts)  # neither takes 96 rows (kt-kernel crashes)
     assert "divisible by 64" in caplog.text
     with pytest.raises(RuntimeError, match="divisible by 64"):
         make_backend(odd, 1, ExpertOptions(backend="kt"))
+    with pytest.raises(RuntimeError, match="divisible by 128"):
+        make_backend(odd, 1, ExpertOptions(backend="dot"))
 
 
 def test_a_shape_kt_refuses_still_gets_the_reference_result(int4):
@@ -339,10 +349,14 @@ def test_a_shape_kt_refuses_still_gets_the_reference_result(int4):
 
 def test_fallback_says_so_once(int4, monkeypatch, caplog):
     monkeypatch.setattr(cpu, "kt", lambda: cpu.KtStatus(None, None, "kt-kernel is not importable (test)"))
+    monkeypatch.setattr(library, "why_not", lambda: "no C++ compiler (test)")
     with caplog.at_level(logging.WARNING):
         backends = [make_backend(int4[0], layer) for layer in range(3)]
     assert all(b.name == "torch" for b in backends)
     assert caplog.text.count("kt-kernel is not importable (test)") == 1
+    assert caplog.text.count("no C++ compiler (test)") == 1
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        make_backend(int4[0], 0, ExpertOptions(backend="dot"))
     with pytest.raises(RuntimeError, match="not importable"):
         make_backend(int4[0], 0, ExpertOptions(backend="kt"))
     assert type(make_backend(int4[0], 0, dtype=torch.float32)) is TorchExperts  # exact where asked

@@ -71,7 +71,7 @@ def test_one_4090_holds_the_dense_part_and_the_full_context_over_two_tiers():
     curve = p.prediction.decode_curve
     assert list(curve) == [8192, 32768, 131072, 262144]
     assert curve[8192] >= curve[32768] > curve[131072] > curve[262144] > 0  # the host tier's reads and FLOPs
-    assert (p.cpu.backend, p.cpu.method, p.cpu.threads, p.cpu.threadpools) == ("kt", "int4_kgroup", 64, 2)
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads, p.cpu.threadpools) == ("dot", "int4_kgroup", 64, 2)
     assert p.problems() == []
 
 
@@ -147,14 +147,19 @@ def test_fp8_model_on_amx_uses_int8_when_it_fits():
     assert plan(DEEPSEEK, describe(["4090"], "1TB", **XEON)).cpu.method == "amx_int8"
     assert plan(DEEPSEEK, describe(["4090"], "512GB", **XEON)).cpu.method == "amx_int4"
 
-def test_avx2_machines_run_int4_as_stored_on_kt():
-    """kt-kernel's AVX2 build runs INT4 in place and the runtime proves it at load, so an AVX2 CPU
-    gets kt; a float model runs as bf16 there (no AMX to quantize for)."""
+def test_int4_runs_as_stored_on_the_dot_kernel_or_kt_and_float_on_kt():
+    """INT4 checkpoints run as stored on the INT4 dot kernel where their sizes fit it (its AVX2 code
+    as well), else on kt-kernel's K-group kernel; a float model runs as bf16 on kt where there is
+    no AMX to quantize for; without AVX2, the torch backend."""
     p = plan(TINY, describe([], "8GB", cores=4, isa="avx2"))
-    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("kt", "int4_kgroup", 4)
-    assert plan(DEEPSEEK, describe(["4090"], "2TB", cores=64, isa="avx2")).cpu.method == "bf16"
+    assert (p.cpu.backend, p.cpu.method, p.cpu.threads) == ("dot", "int4_kgroup", 4)
+    deepseek = plan(DEEPSEEK, describe(["4090"], "2TB", cores=64, isa="avx2"))
+    assert (deepseek.cpu.backend, deepseek.cpu.method) == ("kt", "bf16")
     kimi = plan(KIMI, describe(["4090"], "1TB", cores=64, isa="avx2"))
-    assert (kimi.cpu.backend, kimi.cpu.method) == ("kt", "int4_kgroup")
+    assert (kimi.cpu.backend, kimi.cpu.method) == ("dot", "int4_kgroup")
+    odd = ModelSpec.from_arch(TINY.arch.model_copy(update={"moe_intermediate_size": 192}))
+    assert plan(odd, describe([], "8GB", cores=4, isa="avx2")).cpu.backend == "kt"
+    assert plan(TINY, describe([], "8GB", cores=4, isa=[])).cpu.backend == "torch"
     a = KIMI.arch  # 4-bit values and a 4-byte scale per 32 (kt's fp32 copy), for gate, up and down
     per_expert = 3 * a.hidden_size * a.moe_intermediate_size * (0.5 + 4 / 32)
     assert KIMI.expert_host_bytes("int4_kgroup") == per_expert == 3 * 7168 * 2048 * 0.625
@@ -163,7 +168,7 @@ def test_avx2_machines_run_int4_as_stored_on_kt():
 @pytest.mark.parametrize("hw,pattern", [
     (describe(["4090"], "256GB", **XEON), r"host RAM.*routed experts 590\.6 GiB.*256\.0 GiB: short by"),
     (describe(["16GB"], "1TB", **XEON), r"GPU-resident weights .* need 20\.0 GiB.*short by at least"),
-    (describe(["4090"], "512GB", cores=64, isa="avx2"), r"as int4_kgroup on the kt backend.*short by"),
+    (describe(["4090"], "512GB", cores=64, isa="avx2"), r"as int4_kgroup on the dot backend.*short by"),
 ])
 def test_impossible_machines_are_refused_with_the_shortfall(hw, pattern):
     with pytest.raises(PlanError, match=pattern):

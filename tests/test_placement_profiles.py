@@ -124,7 +124,7 @@ def test_hybrid_plan_prints_the_placement_for_profile_a(tmp_path):
     assert result.exit_code == 0, result.output
     text = result.output
     for needle in ("Placement (GiB)", "cuda:0", "layers 0-60: attn, router, shared, dense", "lm_head",
-                   "23,040 routed experts (int4_kgroup on kt, 64 threads)", "KV cache: 262,144 tokens",
+                   "23,040 routed experts (int4_kgroup on dot, 64 threads)", "KV cache: 262,144 tokens",
                    "227,232 in host RAM", "Predicted decode by context", "34,912",
                    "Predicted speed: decode", "CPU expert bytes / host bandwidth", "GPU memory reads", "total"):
         assert needle in text, needle

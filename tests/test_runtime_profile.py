@@ -10,6 +10,7 @@ import yaml
 from hybrid.api import load_model
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts import cpu as cpu_facts
+from hybrid.experts.dot import library
 from hybrid.model.synthetic import write_checkpoint
 from hybrid.offload.layout import Layout
 from placement.hardware import detect
@@ -22,7 +23,7 @@ TINY_PROFILE = Path(__file__).parent.parent / "profiles" / "tiny_cpu_2core.yaml"
 
 def test_tiny_model_follows_its_shipped_profile(tiny_dir):
     profile = Profile.load(TINY_PROFILE, model=tiny_dir)
-    kt_runs = cpu_facts.kt().usable and profile.cpu.backend == "kt"
+    runs = {"kt": cpu_facts.kt().usable, "dot": library.why_not() is None}.get(profile.cpu.backend, False)
     model = load_model(tiny_dir, TINY_PROFILE)
     decoder = model.decoder
     assert str(decoder.model.embed_tokens.weight.device) == profile.device_of("embed")
@@ -36,8 +37,8 @@ def test_tiny_model_follows_its_shipped_profile(tiny_dir):
             assert experts.defer == profile.decode.defer_experts
             assert experts.stream_threshold == profile.prefill.stream_threshold_tokens
             cpu = experts.cpu
-            if kt_runs:  # no fallback where the profile's kernel runs
-                assert (cpu.name, cpu.method, cpu.threads) == ("kt", profile.cpu.method, profile.cpu.threads)
+            if runs:  # no fallback where the profile's kernel runs
+                assert (cpu.name, cpu.method) == (profile.cpu.backend, profile.cpu.method)
             else:
                 assert cpu.name == "torch"
     assert model.settings.engine.kv_cache_tokens == profile.kv_cache.max_pages * profile.kv_cache.page_size

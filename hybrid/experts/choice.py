@@ -10,6 +10,8 @@ import torch
 
 from hybrid.experts import cpu, self_check
 from hybrid.experts.backend import ExpertBackend
+from hybrid.experts.dot import library
+from hybrid.experts.dot.backend import DotExperts
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
@@ -27,11 +29,12 @@ def _warn_once(message: str) -> None:
 def make_backend(weights: ExpertWeights, layer: int, options: ExpertOptions = ExpertOptions(),
                  dtype: torch.dtype = torch.bfloat16, top_k: int = 8) -> ExpertBackend:
     """The first backend, best first, that can run these experts here and passes its self-check:
-    kt-kernel (`auto`, or `kt`, which fails if kt-kernel cannot run them at all), then torch's
+    for INT4 experts our INT4 dot kernel (`auto`, or `dot`, which fails if it cannot run them),
+    then kt-kernel (`auto`, or `kt`, which fails if kt-kernel cannot run them at all), then torch's
     packed INT4 kernel, then the plain torch backend (the reference itself, always right).
-    `dtype`: the model's compute dtype. kt-kernel computes in bf16, so `auto` gives a model that
-    computes in another dtype (float32 for exact comparisons) the torch backend, which honours it.
-    `top_k`: the most experts a token may use (kt-kernel sizes its buffers by it)."""
+    `dtype`: the model's compute dtype. The fast kernels compute in bf16 or int8, so `auto` gives a
+    model that computes in another dtype (float32 for exact comparisons) the torch backend, which
+    honours it. `top_k`: the most experts a token may use (kt-kernel sizes its buffers by it)."""
     return choose_backend(weights, layer, options, dtype, top_k)[0]
 
 
@@ -52,6 +55,18 @@ def choose_backend(weights: ExpertWeights, layer: int, options: ExpertOptions = 
 
 def _candidates(weights: ExpertWeights, layer: int, options: ExpertOptions, dtype: torch.dtype,
                 top_k: int) -> Iterator[ExpertBackend]:
+    if options.backend == "dot" or (options.backend == "auto" and dtype == torch.bfloat16 and weights.format == "int4"):
+        reason = library.why_not() or (None if DotExperts.fits(weights) else
+                                       f"it takes INT4 experts in host memory with hidden and intermediate sizes "
+                                       f"divisible by 128 and scale groups of 32, 64 or 128; these are "
+                                       f"{weights.format}, {weights.hidden_size} x {weights.intermediate_size}, "
+                                       f"group {weights.group_size}")
+        if reason is None:
+            yield DotExperts(weights)
+        elif options.backend == "dot":
+            raise RuntimeError(f"expert backend dot was asked for, but {reason}")
+        elif library.why_not():
+            _warn_once(f"the INT4 dot kernel cannot run here: {reason}")
     if options.backend == "kt" or (options.backend == "auto" and dtype == torch.bfloat16):
         reason = cpu.kt().reason
         if reason is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from placement.profile import METHODS as PROFILE_METHODS
 
-BACKENDS = ("auto", "kt", "torch")
+BACKENDS = ("auto", "dot", "kt", "torch")
 METHODS = ("auto", *PROFILE_METHODS)
 
 

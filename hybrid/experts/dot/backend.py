@@ -1,0 +1,64 @@
+"""Routed INT4 experts on our own kernel (`int4_moe.cpp`): the checkpoint's packed weights read in
+place, the activations quantized to int8 in blocks of 32, the products integer dot products on
+torch's threads. One call per layer, whatever the tokens: each chosen expert's rows are read once
+per step, so a batch of streams reads the union of its experts once."""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid.experts.dot import library
+from hybrid.experts.weights import ExpertWeights
+from placement.model_spec import int4_dot_fits
+
+
+class DotExperts:
+    name = "dot"
+    method = "int4_kgroup"
+
+    def __init__(self, weights: ExpertWeights, isa: str | None = None):
+        """`isa`: one of `library.runnable()` (default: the strongest)."""
+        assert self.fits(weights), "INT4 weights on the CPU in sizes the kernel takes"
+        self.isa = isa or library.runnable()[0]
+        self.lib = library.load()
+        assert self.lib is not None, library.why_not()
+        # read in place: only a tensor that is not already contiguous bf16 is copied
+        self.weights = weights.map(lambda t: t.contiguous() if t.dtype == torch.int32 else
+                                   t.to(torch.bfloat16).contiguous())
+        self.kernel = f"hybrid INT4 x int8 dot ({self.isa})"
+        self._pending = None
+
+    @staticmethod
+    def fits(weights: ExpertWeights) -> bool:
+        return (weights.format == "int4" and weights.gate.device.type == "cpu"
+                and int4_dot_fits(weights.hidden_size, weights.intermediate_size, weights.group_size))
+
+    def nbytes(self) -> int:
+        return self.weights.nbytes()
+
+    def submit(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Keeps the inputs; the work runs in `wait`, on the caller's thread and torch's (a GPU's
+        work queued in between still overlaps it)."""
+        assert self._pending is None, "wait() before the next submit()"
+        self._pending = (hidden, topk_ids, topk_weights)
+
+    def wait(self) -> torch.Tensor:
+        hidden, ids, w = self._pending
+        self._pending = None
+        return self.forward(hidden, ids, w)
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Sum over k of topk_weights[t, k] * expert[topk_ids[t, k]](hidden[t]); a slot whose id is
+        negative belongs to another backend and is skipped."""
+        W = self.weights
+        x = hidden.to(torch.float32).contiguous()
+        ids = topk_ids.to(torch.int64).contiguous()
+        w = topk_weights.to(torch.float32).contiguous()
+        out = torch.empty(x.shape[0], W.hidden_size, dtype=torch.float32)
+        rc = self.lib.hybrid_int4_moe(library.code(self.isa), x.shape[0], W.hidden_size, W.intermediate_size,
+                                      W.group_size, W.num_experts, ids.shape[1], x.data_ptr(), ids.data_ptr(),
+                                      w.data_ptr(), *(t.data_ptr() for t in W.tensors()), out.data_ptr())
+        if rc:
+            raise RuntimeError(f"the INT4 dot kernel has no {self.isa} code in this build")
+        return out.to(hidden.dtype)

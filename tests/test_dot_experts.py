@@ -1,0 +1,122 @@
+"""The INT4 dot kernel (hybrid/experts/dot): every instruction set this CPU runs, every scale group
+it takes, against the fp32 reference of test_experts (which multiplies the known integer values
+and shares no unpacking code with the kernel); its build cached and never left half written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybrid.experts.dot import library
+from hybrid.experts.dot.backend import DotExperts
+from hybrid.experts import self_check
+from hybrid.experts.weights import ExpertWeights
+from hybrid.quant import pack_int4
+from test_experts import H, reference, rel_err, routes
+
+pytestmark = pytest.mark.skipif(library.why_not() is not None,
+                                reason=f"the INT4 dot kernel cannot run here: {library.why_not()}")
+E, I = 16, 384  # test_experts' routes() picks among 16 experts
+ISAS = [isa for isa, _, _ in library.ISAS]
+
+
+def weights(group: int, seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tensor, ...]]:
+    """Random 4-bit values (all 16 of them) with bf16 scales per `group`, and the dense fp32 experts."""
+    g = torch.Generator().manual_seed(seed)
+    packed, dense = [], []
+    for out, inp in ((I, H), (I, H), (H, I)):
+        values = torch.randint(-8, 8, (E, out, inp), generator=g)
+        scale = (torch.rand(E, out, inp // group, generator=g) + 0.5).div(8 * inp**0.5).to(torch.bfloat16)
+        packed += [pack_int4(values), scale]
+        dense.append(values.float() * scale.float().repeat_interleave(group, -1))
+    gate, gs, up, us, down, ds = packed
+    return ExpertWeights("int4", gate, up, down, gs, us, ds, group_size=group), tuple(dense)
+
+
+def runnable(isa: str) -> None:
+    if isa not in library.runnable():
+        pytest.skip(f"this CPU does not execute {isa}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_every_group_size_and_batch_matches_the_reference(isa, group):
+    """Within the error of int8 activations (blocks of 32: ~1%), for one token, a few, and more
+    than one pass of the kernel's token blocks, with slots of another backend (-1) skipped."""
+    runnable(isa)
+    w, dense = weights(group)
+    backend = DotExperts(w, isa)
+    for tokens in (1, 3, 9, 37):
+        for kind in ("positions", "same", "distinct"):
+            x, ids, gate = routes(kind, tokens)
+            out = backend.forward(x.bfloat16(), ids, gate)
+            assert out.dtype == torch.bfloat16 and out.shape == (tokens, H)
+            assert rel_err(out, reference(dense, x.bfloat16(), ids, gate)) <= 2e-2, (isa, group, tokens, kind)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_batch_gives_each_token_what_it_gets_alone(isa):
+    """The kernel reads each chosen expert once for the whole batch; that must not mix tokens up.
+    Each output row is one thread's sum in a fixed order, so the match is exact."""
+    runnable(isa)
+    w, _ = weights(32)
+    backend = DotExperts(w, isa)
+    x, ids, gate = routes("positions", 11)
+    together = backend.forward(x, ids, gate)
+    for t in range(11):
+        assert torch.equal(together[t], backend.forward(x[t:t + 1], ids[t:t + 1], gate[t:t + 1])[0])
+
+
+def test_thread_count_does_not_change_the_result():
+    w, _ = weights(32)
+    backend = DotExperts(w)
+    x, ids, gate = routes("distinct", 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = backend.forward(x, ids, gate)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, backend.forward(x, ids, gate))
+
+
+def test_the_self_check_passes_and_would_catch_a_wrong_kernel(monkeypatch):
+    monkeypatch.setattr(self_check, "VERDICTS", {})
+    w, _ = weights(32)
+    assert self_check.check(DotExperts(w), w).ok
+    shifted = ExpertWeights("int4", w.gate, w.up, w.down, w.gate_scale.roll(1, 1), w.up_scale, w.down_scale)
+    backend = DotExperts(w)
+    backend.weights = shifted  # scales one row off, as a wrong stride would read them
+    monkeypatch.setattr(self_check, "VERDICTS", {})
+    assert not self_check.check(backend, w).ok
+
+
+def test_what_it_refuses():
+    w, _ = weights(32)
+    assert DotExperts.fits(w)
+    assert not DotExperts.fits(ExpertWeights("float", *(torch.zeros(E, 128, 128, dtype=torch.bfloat16),) * 3))
+    assert not DotExperts.fits(ExpertWeights("int4", w.gate[:, :192], w.up[:, :192], w.down[:, :, :24],
+                                             w.gate_scale[:, :192], w.up_scale[:, :192], w.down_scale[:, :, :6]))
+    assert not DotExperts.fits(ExpertWeights("int4", w.gate, w.up, w.down, w.gate_scale, w.up_scale, w.down_scale,
+                                             group_size=16))
+
+
+def test_the_build_is_cached_and_written_whole(tmp_path):
+    """A fresh cache builds the library once, by rename: no partial file is ever at its name, and
+    a second process loads it without building."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    code = ("from hybrid.experts.dot import library; import os; "
+            "before = set(os.listdir(library.CACHE)) if library.CACHE.exists() else set(); "
+            "assert library.load() is not None, library.why_not(); "
+            "print(sorted(set(os.listdir(library.CACHE)) - before))")
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    built = eval(first.stdout.strip())
+    assert len(built) == 1 and built[0].startswith("int4_moe-") and built[0].endswith(".so")
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and second.stdout.strip() == "[]", second.stderr
+    assert os.listdir(tmp_path / "hybrid" / "kernels") == built  # no temporary left beside it
