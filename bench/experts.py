@@ -1,5 +1,5 @@
-"""One MoE layer of Kimi's shape on the CPU expert backends: hidden 7168, intermediate 2048, 8 of
-64 experts per token, for T = 1, 8, 64, 512 tokens, per backend / method and thread count.
+"""One MoE layer of Kimi's shape on the CPU expert backends (our INT4 dot kernel, kt-kernel,
+torch's int4 kernel): hidden 7168, intermediate 2048, 8 of 64 experts per token, for T = 1, 8, 64, 512 tokens, per backend / method and thread count.
 
 Each row: ms per call (median), effective weight bandwidth (bytes of the experts the tokens touch,
 in the form the method runs them, per second: in total and per thread) and TFLOP/s. Host read
@@ -9,7 +9,7 @@ experts over that bandwidth. "All cores" for kt-kernel means its pool on every c
 the caller's share on that one. Each figure is the best of a few blocks of calls, preferring
 blocks during which other processes used under 0.2 cores; what they used is recorded.
 
-    python -m bench.experts [--threads 1,2] [--methods int4_kgroup,torch,amx_int8,bf16,amx_int4]
+    python -m bench.experts [--threads 1,2] [--methods dot,int4_kgroup,torch,amx_int8,bf16,amx_int4]
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from rich.table import Table
 
 from bench.common import KIMI_HIDDEN, KIMI_INTER, KIMI_TOP_K, ROOT, kimi_experts, save
 from hybrid.experts import cpu
+from hybrid.experts.dot.backend import DotExperts
 from hybrid.experts.torch_backend import PackedInt4Experts
 from hybrid.experts.weights import ExpertWeights
 from hybrid.measure import host_gbps
 
 H, I, E, K = KIMI_HIDDEN, KIMI_INTER, 64, KIMI_TOP_K
 TOKENS = (1, 8, 64, 512)
-BYTES_PER_WEIGHT = {"int4_kgroup": 0.5 + 2 / 32, "torch": 0.5 + 2 / 32, "amx_int8": 1.0, "amx_int4": 0.5, "bf16": 2.0}
+BYTES_PER_WEIGHT = {"dot": 0.5 + 2 / 32, "int4_kgroup": 0.5 + 2 / 32, "torch": 0.5 + 2 / 32, "amx_int8": 1.0, "amx_int4": 0.5, "bf16": 2.0}
 BLOCKS = {1: (6, 0.2), 8: (3, 0.3), 64: (2, 0.5), 512: (1, 0.0)}  # blocks of calls, each at least this long
 
 
@@ -78,6 +79,8 @@ def fastest_block(call, blocks: int, seconds: float, patience: float = 15.0) -> 
 def backend(method: str, threads: int, weights: ExpertWeights):
     if method == "torch":
         return PackedInt4Experts(weights)
+    if method == "dot":
+        return DotExperts(weights)
     from hybrid.experts.kt.backend import KTExperts
 
     return KTExperts(weights, 0, method, threads, Path.home() / ".cache/hybrid/kt-bench")
@@ -96,7 +99,7 @@ def timed(be, tokens: int, g, threads: int, method: str) -> tuple[float, float]:
         be.wait()
 
     torch_threads = torch.get_num_threads()
-    if method == "torch":
+    if method in ("torch", "dot"):  # kernels on torch's threads
         torch.set_num_threads(threads)
     try:
         blocks, seconds = BLOCKS[tokens]
@@ -117,7 +120,7 @@ def measure(method: str, thread_counts: list[int], host: dict[int, float]) -> li
     """Every thread count and token count of one method (its own process: kt-kernel never frees
     a layer's weights, and float experts of this size are 5.6 GB)."""
     g = torch.Generator().manual_seed(0)
-    weights = kimi_experts(E, "int4" if method in ("int4_kgroup", "torch") else "float")
+    weights = kimi_experts(E, "int4" if method in ("dot", "int4_kgroup", "torch") else "float")
     per_expert, rows = 3 * H * I * BYTES_PER_WEIGHT[method], []
     for threads in thread_counts:
         t = time.perf_counter()
@@ -127,7 +130,7 @@ def measure(method: str, thread_counts: list[int], host: dict[int, float]) -> li
             ms, load = timed(be, tokens, g, threads, method)
             gbps = touched(tokens) * per_expert / ms / 1e6
             floor = K * per_expert / host[threads] / 1e6 if tokens == 1 else None
-            rows.append({"backend": be.name, "method": "int4" if method == "torch" else method,
+            rows.append({"backend": be.name, "method": "int4" if method in ("torch", "dot") else method,
                          "kernel": getattr(be, "kernel", "int4pack"), "threads": threads, "tokens": tokens,
                          "ms": ms, "gbps": gbps, "gbps_per_thread": gbps / threads,
                          "tflops": tokens * K * 6 * H * I / ms / 1e9, "floor_ms": floor,
@@ -139,7 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     all_cores = len(cpu.expert_cores())
     ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, all_cores})))
-    ap.add_argument("--methods", default="int4_kgroup,torch,amx_int8,bf16,amx_int4")
+    ap.add_argument("--methods", default="dot,int4_kgroup,torch,amx_int8,bf16,amx_int4")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # method;host GB/s per thread count, as JSON
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
@@ -147,7 +150,7 @@ def main() -> None:
         method, host = args.child.split(";")
         print("ROWS", json.dumps(measure(method, thread_counts, {int(k): v for k, v in json.loads(host).items()})))
         return
-    methods = [m for m in args.methods.split(",") if m == "torch" or cpu.kt().usable]
+    methods = [m for m in args.methods.split(",") if m in ("torch", "dot") or cpu.kt().usable]
     console, start = Console(), time.time()
     host = {t: host_gbps(t) for t in thread_counts}
     rows = []

@@ -45,12 +45,15 @@ class ComputePath:
     def missing(self) -> str | None:
         """Why this path cannot run on this machine, or None."""
         from hybrid.experts import cpu
+        from hybrid.experts.dot import library
         from hybrid.model import dense_kernel
 
         if self.device != "cpu" and not torch.cuda.is_available():
             return "no GPU on this machine"
         if self.backend == "kt" and cpu.kt().reason:
             return cpu.kt().reason
+        if self.backend == "dot" and library.why_not():
+            return library.why_not()
         if self.dense and self.dense not in dense_kernel.supported():
             return {"onednn": "the onednn dense kernel needs bf16 instructions",
                     "compiled": "the compiled dense kernel needs a C++ compiler"}[self.dense]
@@ -85,8 +88,10 @@ REFERENCE = ComputePath("float32, torch experts", 0.0, torch.float32, "torch", n
 PATHS = (
     ComputePath("bf16, torch backend", 0.005, backend="torch", dense="torch",
          note="bf16 activations and dense weights; experts on torch's packed INT4 kernel where it proves itself"),
+    ComputePath("bf16, INT4 dot kernel", 0.005, backend="dot", dense="torch",
+         note="our INT4 kernel: int8 activations against the checkpoint's own INT4 (the default path)"),
     ComputePath("bf16, kt int4_kgroup", 0.005, backend="kt", method="int4_kgroup", dense="torch",
-         note="kt-kernel on the checkpoint's own INT4 (the default path)"),
+         note="kt-kernel on the checkpoint's own INT4 (where the dot kernel cannot run)"),
     ComputePath("bf16, dense on oneDNN", 0.005, backend="torch", dense="onednn",
          note="the CPU-speed work's dense kernel, vs torch's bf16 matmul"),
     # With 4 experts per token, k = 1 defers a quarter of a token's routed experts (Kimi: one of 8).
@@ -103,6 +108,8 @@ PATHS = (
                 note="the same over latents stored as float8 e4m3 (kv_cache.dtype: fp8)"),
     ComputePath("bf16, decode, compiled GEMV", 0.005, backend="torch", dense="compiled", kv_dtype="bf16",
                 decode=True, note="one token a step with the dense projections on the compiled GEMV (compiled.py)"),
+    ComputePath("bf16, decode, INT4 dot kernel", 0.005, backend="dot", dense="compiled", kv_dtype="bf16",
+                decode=True, note="one token a step on the default CPU path: compiled GEMV, INT4 dot kernel"),
     ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
     ComputePath("bf16, all experts on the GPU", 0.005, device="cuda", gpu_experts=True,
          note="every routed expert in the GPU's hot-expert cache"),

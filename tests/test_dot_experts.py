@@ -88,9 +88,8 @@ def test_the_self_check_passes_and_would_catch_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(self_check, "VERDICTS", {})
     w, _ = weights(32)
     assert self_check.check(DotExperts(w), w).ok
-    shifted = ExpertWeights("int4", w.gate, w.up, w.down, w.gate_scale.roll(1, 1), w.up_scale, w.down_scale)
     backend = DotExperts(w)
-    backend.weights = shifted  # scales one row off, as a wrong stride would read them
+    backend.scales = (backend.scales[0].roll(1, 1), *backend.scales[1:])  # one row off, as a wrong stride reads them
     monkeypatch.setattr(self_check, "VERDICTS", {})
     assert not self_check.check(backend, w).ok
 

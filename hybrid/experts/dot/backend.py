@@ -1,7 +1,8 @@
-"""Routed INT4 experts on our own kernel (`int4_moe.cpp`): the checkpoint's packed weights read in
-place, the activations quantized to int8 in blocks of 32, the products integer dot products on
-torch's threads. One call per layer, whatever the tokens: each chosen expert's rows are read once
-per step, so a batch of streams reads the union of its experts once."""
+"""Routed INT4 experts on our own kernel (`int4_moe.cpp`): the checkpoint's 4-bit values and
+scales as stored (the values' bytes reordered once at load for the kernel's lanes), the
+activations quantized to int8 in blocks of 32, the products integer dot products on torch's
+threads. One call per layer, whatever the tokens: each chosen expert's rows are read once per
+step, so a batch of streams reads the union of its experts once."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ class DotExperts:
         self.isa = isa or library.runnable()[0]
         self.lib = library.load()
         assert self.lib is not None, library.why_not()
-        # read in place: only a tensor that is not already contiguous bf16 is copied
-        self.weights = weights.map(lambda t: t.contiguous() if t.dtype == torch.int32 else
-                                   t.to(torch.bfloat16).contiguous())
+        self.shape = (weights.num_experts, weights.hidden_size, weights.intermediate_size, weights.group_size)
+        self.values = tuple(self._repack(t) for t in (weights.gate, weights.up, weights.down))
+        self.scales = tuple(t.to(torch.bfloat16).contiguous() for t in
+                            (weights.gate_scale, weights.up_scale, weights.down_scale))
         self.kernel = f"hybrid INT4 x int8 dot ({self.isa})"
         self._pending = None
 
@@ -33,8 +35,17 @@ class DotExperts:
         return (weights.format == "int4" and weights.gate.device.type == "cpu"
                 and int4_dot_fits(weights.hidden_size, weights.intermediate_size, weights.group_size))
 
+    def _repack(self, packed: torch.Tensor) -> torch.Tensor:
+        """int32 [E, out, in / 8] as stored -> uint8 [E, out, in / 2] in the kernel's order."""
+        src = packed.contiguous().view(torch.uint8)
+        dst = torch.empty_like(src)
+        rows, k = src.numel() // src.shape[-1], 2 * src.shape[-1]
+        if self.lib.hybrid_int4_repack(library.code(self.isa), rows, k, src.data_ptr(), dst.data_ptr()):
+            raise RuntimeError(f"the INT4 dot kernel has no {self.isa} code in this build")
+        return dst
+
     def nbytes(self) -> int:
-        return self.weights.nbytes()
+        return sum(t.nbytes for t in (*self.values, *self.scales))
 
     def submit(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """Keeps the inputs; the work runs in `wait`, on the caller's thread and torch's (a GPU's
@@ -51,14 +62,14 @@ class DotExperts:
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Sum over k of topk_weights[t, k] * expert[topk_ids[t, k]](hidden[t]); a slot whose id is
         negative belongs to another backend and is skipped."""
-        W = self.weights
+        experts, hidden_size, intermediate, group = self.shape
         x = hidden.to(torch.float32).contiguous()
         ids = topk_ids.to(torch.int64).contiguous()
         w = topk_weights.to(torch.float32).contiguous()
-        out = torch.empty(x.shape[0], W.hidden_size, dtype=torch.float32)
-        rc = self.lib.hybrid_int4_moe(library.code(self.isa), x.shape[0], W.hidden_size, W.intermediate_size,
-                                      W.group_size, W.num_experts, ids.shape[1], x.data_ptr(), ids.data_ptr(),
-                                      w.data_ptr(), *(t.data_ptr() for t in W.tensors()), out.data_ptr())
+        out = torch.empty(x.shape[0], hidden_size, dtype=torch.float32)
+        rc = self.lib.hybrid_int4_moe(library.code(self.isa), x.shape[0], hidden_size, intermediate, group, experts,
+                                      ids.shape[1], x.data_ptr(), ids.data_ptr(), w.data_ptr(),
+                                      *(t.data_ptr() for t in (*self.values, *self.scales)), out.data_ptr())
         if rc:
             raise RuntimeError(f"the INT4 dot kernel has no {self.isa} code in this build")
         return out.to(hidden.dtype)

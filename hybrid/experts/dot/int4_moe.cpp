@@ -1,8 +1,15 @@
-// One MoE layer's routed experts on the CPU, with the checkpoint's INT4 weights as they are stored
-// (compressed-tensors pack-quantized: byte p of a row holds values 2p (low nibble) and 2p + 1
-// (high), each stored as value + 8; one bf16 scale per group of G values) and the activations
-// quantized to int8 in blocks of 32: the products are integer dot products (AVX-512 VNNI, or
-// AVX2's maddubs), so a core keeps up with memory where widening every nibble to float cannot.
+// One MoE layer's routed experts on the CPU, on INT4 weights as compressed-tensors stores them
+// (byte p of a row holds values 2p (low nibble) and 2p + 1 (high), each stored as value + 8; one
+// bf16 scale per group of G values) with the activations quantized to int8 in blocks of 32: the
+// products are integer dot products (AVX-512 VNNI, or AVX2's maddubs), so a core keeps up with
+// memory where widening every nibble to float cannot.
+//
+// The weights' bytes are reordered once at load (`hybrid_int4_repack`, nothing re-quantized) so
+// that each 32-bit lane of a vector holds one block of 32 values throughout: a row is cut into
+// super-blocks of LANES blocks (16 for AVX-512, 8 for AVX2), each laid out as 4 chunks of one
+// vector, chunk j holding bytes 4j..4j+3 of every block. Four dot products then add into the same
+// lanes, and each block's scales are applied once, per lane, in float. Activations are laid out
+// the same way when they are quantized.
 //
 // One call does the whole layer: group the (token, slot) pairs by expert, gate and up for every
 // pair, silu(gate) * up, the down projection, weighted and summed per token. Each weight row is
@@ -19,51 +26,63 @@
 
 namespace {
 
-constexpr int BLOCK = 32;  // activation quantization block
-constexpr int TOKENS = 4;  // tokens multiplied per pass over a weight row (accumulators in registers)
-constexpr int ROWS = 16;   // weight rows per work item
+constexpr int TOKENS = 4;    // tokens multiplied per pass over a weight row (accumulators in registers)
+constexpr int ROWS = 16;     // weight rows per work item
+constexpr int AHEAD = 4096;  // bytes of a weight stream prefetched ahead: a core alone draws more of the memory
 
-// One activation vector of length K, quantized, laid out as the weight's nibbles are: lo[p] is
-// value 2p, hi[p] value 2p + 1. A lane is 8 consecutive values (4 weight bytes, one int32 of a
-// dot product): scale[L] is the block scale of lane L, bias[L] = -8 * (sum of its int8 values),
-// which takes the weights' +8 off.
+// Where byte m (0..15) of block b of a row of `blocks` blocks goes in the reordered layout: its
+// super-block, then chunk m / 4 (of `left` blocks' 4 bytes each: fewer in a last, partial
+// super-block), then the block's lane, then the byte.
+inline size_t position(int b, int m, int blocks, int lanes) {
+  const int s = b / lanes, left = std::min(lanes, blocks - s * lanes);
+  return size_t(s) * lanes * 16 + (m / 4) * left * 4 + (b % lanes) * 4 + m % 4;
+}
+
+// One activation vector of length K quantized in blocks of 32, in the weights' reordered layout:
+// lo holds the even values, hi the odd ones, each byte where the weight byte it meets is. Per
+// block b: scale[b], and corr[b] = -8 * scale[b] * (sum of its int8 values), which takes the
+// weights' +8 off. The per-block arrays are padded to whole super-blocks (with zeros).
 struct Q8 {
   const int8_t* lo;
   const int8_t* hi;
-  const int32_t* bias;
   const float* scale;
+  const float* corr;
 };
 
-size_t q8_bytes(int K) { return size_t(K) + size_t(K / 8) * 8; }
+int padded_blocks(int K, int lanes) { return (K / 32 + lanes - 1) / lanes * lanes; }
 
-Q8 q8_view(uint8_t* base, int K) {
+size_t q8_bytes(int K, int lanes) { return size_t(K) + size_t(padded_blocks(K, lanes)) * 8; }
+
+Q8 q8_view(uint8_t* base, int K, int lanes) {
   auto* lo = reinterpret_cast<int8_t*>(base);
-  auto* bias = reinterpret_cast<int32_t*>(base + K);
-  return {lo, lo + K / 2, bias, reinterpret_cast<float*>(bias + K / 8)};
+  auto* scale = reinterpret_cast<float*>(base + K);
+  return {lo, lo + K / 2, scale, scale + padded_blocks(K, lanes)};
 }
 
-void quantize(const float* x, int K, uint8_t* base) {
-  Q8 q = q8_view(base, K);
+void quantize(const float* x, int K, int lanes, uint8_t* base) {
+  Q8 q = q8_view(base, K, lanes);
   auto* lo = const_cast<int8_t*>(q.lo);
   auto* hi = const_cast<int8_t*>(q.hi);
-  auto* bias = const_cast<int32_t*>(q.bias);
   auto* scale = const_cast<float*>(q.scale);
-  for (int b = 0; b < K; b += BLOCK) {
+  auto* corr = const_cast<float*>(q.corr);
+  const int blocks = K / 32;
+  for (int b = 0; b < padded_blocks(K, lanes); ++b) scale[b] = corr[b] = 0.f;
+  for (int b = 0; b < blocks; ++b) {
+    const float* v = x + 32 * b;
     float amax = 0.f;
-    for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(x[b + i]));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int8_t v[BLOCK];
-    for (int i = 0; i < BLOCK; ++i) v[i] = static_cast<int8_t>(std::nearbyint(x[b + i] * inv));
-    for (int i = 0; i < BLOCK / 2; ++i) {
-      lo[b / 2 + i] = v[2 * i];
-      hi[b / 2 + i] = v[2 * i + 1];
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int m = 0; m < 16; ++m) {
+      const int8_t a = static_cast<int8_t>(std::nearbyint(v[2 * m] * inv));
+      const int8_t c = static_cast<int8_t>(std::nearbyint(v[2 * m + 1] * inv));
+      const size_t at = position(b, m, blocks, lanes);
+      lo[at] = a;
+      hi[at] = c;
+      sum += a + c;
     }
-    for (int l = 0; l < BLOCK / 8; ++l) {
-      int s = 0;
-      for (int i = 0; i < 8; ++i) s += v[8 * l + i];
-      bias[b / 8 + l] = -8 * s;
-      scale[b / 8 + l] = d;
-    }
+    scale[b] = amax / 127.f;
+    corr[b] = -8.f * scale[b] * float(sum);
   }
 }
 
@@ -74,57 +93,59 @@ inline float bf16(uint16_t v) {
   return f;
 }
 
-// res[r * nt + t] = row r of w (K values; bytes at w + r * stride, scales at s + r * sstride) . q[t]
+// res[r * nt + t] = row r of w (K values, reordered; bytes at w + r * stride, scales at
+// s + r * sstride) . q[t]
 using Dots = void (*)(const uint8_t* w, size_t stride, const uint16_t* s, size_t sstride, int rows, int K,
                       const Q8* q, int nt, float* res);
 
 // Each instruction set's `rows<N, G>`: N tokens at once over `rows` rows, the accumulators in
-// registers, for scale groups of G.
+// registers, for scale groups of G; lane l of super-block sb is block 16 sb + l (8 sb + l on
+// AVX2), in group (LANES sb + l) * 32 / G.
 struct Avx512 {
-template <int N, int G>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void rows(
-    const uint8_t* w, size_t stride, const uint16_t* s, size_t sstride, int rows, int K, const Q8* q, int nt,
-    float* res) {
-  // A 64-byte chunk is 128 values, 16 lanes; lane l of chunk c is in group (128 c + 8 l) / G. One
-  // load of 16 scales covers G / 8 chunks: chunk j of them takes lane l's scale from entry
-  // j * 128 / G + 8 l / G.
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  constexpr int span = G / 8;
-  const int chunks = K / 128, groups = K / G;
-  __m512i idx[span];
-  for (int j = 0; j < span; ++j) {
+  static constexpr int LANES = 16;
+
+  template <int N, int G>
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void rows(
+      const uint8_t* w, size_t stride, const uint16_t* s, size_t sstride, int rows, int K, const Q8* q, int nt,
+      float* res) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
     alignas(64) int32_t v[16];
-    for (int l = 0; l < 16; ++l) v[l] = j * 128 / G + 8 * l / G;
-    idx[j] = _mm512_load_si512(v);
-  }
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * stride;
-    const uint16_t* sc = s + r * sstride;
-    __m512 acc[N];
-    for (int t = 0; t < N; ++t) acc[t] = _mm512_setzero_ps();
-    for (int c0 = 0; c0 < chunks; c0 += span) {
-      const int g0 = 128 * c0 / G, left = groups - g0;
-      const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m512 s16 = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, sc + g0)), 16));
-      const int end = std::min(chunks, c0 + span);
-      for (int c = c0; c < end; ++c) {
-        const __m512i b = _mm512_loadu_si512(row + 64 * c);
-        const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-        const __m512 ws = _mm512_permutexvar_ps(idx[c - c0], s16);
+    for (int l = 0; l < 16; ++l) v[l] = l * 32 / G;
+    const __m512i group = _mm512_load_si512(v);
+    const int blocks = K / 32, groups = K / G;
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = w + r * stride;
+      const uint16_t* sc = s + r * sstride;
+      __m512 acc[N];
+      for (int t = 0; t < N; ++t) acc[t] = _mm512_setzero_ps();
+      for (int sb = 0; sb * 16 < blocks; ++sb) {
+        const int left = std::min(16, blocks - 16 * sb), g0 = sb * 512 / G, ng = std::min(16, groups - g0);
+        const __mmask64 bytes = left == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * left)) - 1;
+        const __mmask16 lanes = __mmask16((1u << left) - 1);
+        const __m512 ws = _mm512_permutexvar_ps(group, _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(__mmask16((1u << ng) - 1), sc + g0)), 16)));
+        const size_t at = size_t(sb) * 256;
+        __m512i d[N];
+        for (int t = 0; t < N; ++t) d[t] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; ++j) {
+          const size_t c = at + j * 4 * left;
+          _mm_prefetch(reinterpret_cast<const char*>(row + c) + AHEAD, _MM_HINT_T0);
+          const __m512i b = _mm512_maskz_loadu_epi8(bytes, row + c);
+          const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+          for (int t = 0; t < N; ++t) {
+            d[t] = _mm512_dpbusd_epi32(d[t], lo, _mm512_maskz_loadu_epi8(bytes, q[t].lo + c));
+            d[t] = _mm512_dpbusd_epi32(d[t], hi, _mm512_maskz_loadu_epi8(bytes, q[t].hi + c));
+          }
+        }
         for (int t = 0; t < N; ++t) {
-          const Q8& x = q[t];
-          __m512i d = _mm512_loadu_si512(x.bias + 16 * c);
-          d = _mm512_dpbusd_epi32(d, lo, _mm512_loadu_si512(x.lo + 64 * c));
-          d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(x.hi + 64 * c));
-          acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(x.scale + 16 * c)), ws,
-                                   acc[t]);
+          const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), _mm512_maskz_loadu_ps(lanes, q[t].scale + 16 * sb),
+                                           _mm512_maskz_loadu_ps(lanes, q[t].corr + 16 * sb));
+          acc[t] = _mm512_fmadd_ps(f, ws, acc[t]);
         }
       }
+      for (int t = 0; t < N; ++t) res[r * nt + t] = _mm512_reduce_add_ps(acc[t]);
     }
-    for (int t = 0; t < N; ++t) res[r * nt + t] = _mm512_reduce_add_ps(acc[t]);
   }
-}
 };
 
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -135,36 +156,62 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 }
 
 struct Avx2 {
-template <int N, int G>
-__attribute__((target("avx2,fma"))) static void rows(const uint8_t* w, size_t stride, const uint16_t* s,
-                                                      size_t sstride, int rows, int K, const Q8* q, int nt,
-                                                      float* res) {
-  // a 32-byte chunk is 64 values, 8 lanes: lanes 0-3 in group 64 c / G, lanes 4-7 in (64 c + 32) / G
-  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * stride;
-    const uint16_t* sc = s + r * sstride;
-    __m256 acc[N];
-    for (int t = 0; t < N; ++t) acc[t] = _mm256_setzero_ps();
-    for (int c = 0; c < K / 64; ++c) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
-      const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-      const __m256 ws = _mm256_set_m128(_mm_set1_ps(bf16(sc[(64 * c + 32) / G])), _mm_set1_ps(bf16(sc[64 * c / G])));
-      for (int t = 0; t < N; ++t) {
-        const Q8& x = q[t];
-        // u8 x s8 pairs summed to int16 cannot saturate here: 2 * 15 * 127 per product pair
-        const __m256i p = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lo + 32 * c))),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hi + 32 * c))));
-        const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p, ones),
-                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bias + 8 * c)));
-        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(x.scale + 8 * c)), ws, acc[t]);
-      }
-    }
-    for (int t = 0; t < N; ++t) res[r * nt + t] = hsum256(acc[t]);
-  }
-}
+  static constexpr int LANES = 8;
 
+  // a chunk of `left` lanes: whole, or copied into a zeroed buffer (AVX2 has no masked byte loads)
+  __attribute__((target("avx2,fma"))) static __m256i load(const void* p, int left, uint8_t* part) {
+    if (left == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    std::memcpy(part, p, 4 * left);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+  }
+
+  template <int N, int G>
+  __attribute__((target("avx2,fma"))) static void rows(const uint8_t* w, size_t stride, const uint16_t* s,
+                                                        size_t sstride, int rows, int K, const Q8* q, int nt,
+                                                        float* res) {
+    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int blocks = K / 32;
+    alignas(32) uint8_t part[3][32] = {};
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = w + r * stride;
+      const uint16_t* sc = s + r * sstride;
+      __m256 acc[N];
+      for (int t = 0; t < N; ++t) acc[t] = _mm256_setzero_ps();
+      for (int sb = 0; sb * 8 < blocks; ++sb) {
+        const int left = std::min(8, blocks - 8 * sb);
+        __m256 ws;
+        if (G == 32 && left == 8) {  // the super-block's 8 scales, one per lane
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * sb));
+          ws = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        } else {
+          alignas(32) float v[8] = {};
+          for (int l = 0; l < left; ++l) v[l] = bf16(sc[(8 * sb + l) * 32 / G]);
+          ws = _mm256_load_ps(v);
+        }
+        const size_t at = size_t(sb) * 128;
+        __m256i d[N];
+        for (int t = 0; t < N; ++t) d[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          const size_t c = at + j * 4 * left;
+          _mm_prefetch(reinterpret_cast<const char*>(row + c) + AHEAD, _MM_HINT_T0);
+          const __m256i b = load(row + c, left, part[0]);
+          const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+          for (int t = 0; t < N; ++t) {
+            // u8 x s8 pairs summed to int16 cannot saturate here: 2 * 15 * 127 per product pair
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load(q[t].lo + c, left, part[1])),
+                                               _mm256_maddubs_epi16(hi, load(q[t].hi + c, left, part[2])));
+            d[t] = _mm256_add_epi32(d[t], _mm256_madd_epi16(p, ones));
+          }
+        }
+        for (int t = 0; t < N; ++t) {
+          const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[t]), _mm256_loadu_ps(q[t].scale + 8 * sb),
+                                           _mm256_loadu_ps(q[t].corr + 8 * sb));
+          acc[t] = _mm256_fmadd_ps(f, ws, acc[t]);
+        }
+      }
+      for (int t = 0; t < N; ++t) res[r * nt + t] = hsum256(acc[t]);
+    }
+  }
 };
 
 // all `nt` tokens, TOKENS at a time
@@ -186,22 +233,39 @@ Dots by_group(int G) {
   return G == 32 ? tokens<Isa, 32> : G == 64 ? tokens<Isa, 64> : G == 128 ? tokens<Isa, 128> : nullptr;
 }
 
-// the kernel for an instruction set (2: AVX-512 VNNI, 1: AVX2) and group size; null where none
+// the kernel for an instruction set (2: AVX-512 VNNI, 1: AVX2) and group size, and its lanes
 Dots pick(int isa, int G) { return isa == 2 ? by_group<Avx512>(G) : isa == 1 ? by_group<Avx2>(G) : nullptr; }
+
+int lanes_of(int isa) { return isa == 2 ? Avx512::LANES : Avx2::LANES; }
 
 }  // namespace
 
 extern "C" {
 
-// Instruction sets: 2 = AVX-512 VNNI (K % 128 == 0), 1 = AVX2 (K % 64 == 0). G in {32, 64, 128}.
-// x [T, H] fp32; ids [T, k] (a negative id: a slot another backend computes); wts [T, k] fp32;
-// gate, up [E, I, H/2] bytes; down [E, H, I/2] bytes; gate_s, up_s [E, I, H/G], down_s [E, H, I/G]
-// bf16; out [T, H] fp32, overwritten. Returns 0, or -1 for an instruction set or group size it does not have.
+// The layout the kernel reads, for an instruction set: `rows` rows of K INT4 values (K / 2 bytes
+// each, as stored) from src into dst. Returns -1 for an instruction set it does not have.
+int hybrid_int4_repack(int isa, int64_t rows, int K, const uint8_t* src, uint8_t* dst) {
+  if (isa != 1 && isa != 2) return -1;
+  const int lanes = lanes_of(isa), blocks = K / 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int b = 0; b < blocks; ++b)
+      for (int m = 0; m < 16; ++m) dst[r * (K / 2) + position(b, m, blocks, lanes)] = src[r * (K / 2) + 16 * b + m];
+  return 0;
+}
+
+// Instruction sets: 2 = AVX-512 VNNI, 1 = AVX2; hidden and intermediate sizes multiples of 128; G
+// in {32, 64, 128}. x [T, H] fp32; ids [T, k] (a negative id: a slot another backend computes);
+// wts [T, k] fp32; gate, up [E, I, H/2] bytes; down [E, H, I/2] bytes, each reordered for this
+// instruction set by `hybrid_int4_repack`; gate_s, up_s [E, I, H/G], down_s [E, H, I/G] bf16 as
+// stored; out [T, H] fp32, overwritten. Returns 0, or -1 for an instruction set or group size it
+// does not have.
 int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const float* x, const int64_t* ids,
                     const float* wts, const uint8_t* gate, const uint8_t* up, const uint8_t* down,
                     const uint16_t* gate_s, const uint16_t* up_s, const uint16_t* down_s, float* out) {
   const Dots dots = pick(isa, G);
   if (!dots) return -1;
+  const int lanes = lanes_of(isa);
   std::memset(out, 0, sizeof(float) * size_t(T) * H);
 
   // the pairs grouped by expert (counting sort): pair i of expert e is token tok[i], weight wt[i]
@@ -224,12 +288,12 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
   const int U = int(used.size());
   if (!P) return 0;
 
-  const size_t qh = q8_bytes(H), qi = q8_bytes(I);
+  const size_t qh = q8_bytes(H, lanes), qi = q8_bytes(I, lanes);
   std::vector<uint8_t> xq(qh * T), hq(qi * P);
   std::vector<float> h(size_t(P) * I);
   std::vector<Q8> xv(T), hv(P);
-  for (int t = 0; t < T; ++t) xv[t] = q8_view(xq.data() + qh * t, H);
-  for (int p = 0; p < P; ++p) hv[p] = q8_view(hq.data() + qi * p, I);
+  for (int t = 0; t < T; ++t) xv[t] = q8_view(xq.data() + qh * t, H, lanes);
+  for (int p = 0; p < P; ++p) hv[p] = q8_view(hq.data() + qi * p, I, lanes);
 
   // gate and up: work items are (expert, block of ROWS rows); down: blocks of output rows, each
   // over every expert used, so no two threads write the same output. One parallel region: its
@@ -240,7 +304,7 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
     std::vector<Q8> q;
     std::vector<float> g, u;
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; ++t) quantize(x + size_t(t) * H, H, xq.data() + qh * t);
+    for (int t = 0; t < T; ++t) quantize(x + size_t(t) * H, H, lanes, xq.data() + qh * t);
 #pragma omp for schedule(static)
     for (int item = 0; item < U * blocks; ++item) {
       const int e = used[item / blocks], r0 = item % blocks * ROWS, rows = std::min(ROWS, I - r0);
@@ -259,7 +323,7 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
         }
     }
 #pragma omp for schedule(static)
-    for (int p = 0; p < P; ++p) quantize(h.data() + size_t(p) * I, I, hq.data() + qi * p);
+    for (int p = 0; p < P; ++p) quantize(h.data() + size_t(p) * I, I, lanes, hq.data() + qi * p);
 #pragma omp for schedule(static)
     for (int item = 0; item < out_blocks; ++item) {
       const int r0 = item * ROWS, rows = std::min(ROWS, H - r0);

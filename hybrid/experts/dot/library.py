@@ -75,7 +75,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             return None, f"building the INT4 dot kernel failed: {' '.join(cmd)}\n{done.stderr[-2000:]}"
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
-    f = lib.hybrid_int4_moe
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 10
+    lib.hybrid_int4_moe.restype = lib.hybrid_int4_repack.restype = ctypes.c_int
+    lib.hybrid_int4_moe.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 10
+    lib.hybrid_int4_repack.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib, None
