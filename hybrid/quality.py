@@ -45,15 +45,15 @@ class ComputePath:
     def missing(self) -> str | None:
         """Why this path cannot run on this machine, or None."""
         from hybrid.experts import cpu
-        from hybrid.experts.dot import library
+        from hybrid.experts import dot_backend
         from hybrid.model import dense_kernel
 
         if self.device != "cpu" and not torch.cuda.is_available():
             return "no GPU on this machine"
         if self.backend == "kt" and cpu.kt().reason:
             return cpu.kt().reason
-        if self.backend == "dot" and library.why_not():
-            return library.why_not()
+        if self.backend == "dot" and dot_backend.why_not():
+            return dot_backend.why_not()
         if self.dense and self.dense not in dense_kernel.supported():
             return {"onednn": "the onednn dense kernel needs bf16 instructions",
                     "compiled": "the compiled dense kernel needs a C++ compiler"}[self.dense]

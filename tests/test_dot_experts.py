@@ -1,5 +1,5 @@
-"""The INT4 dot kernel (hybrid/experts/dot): every instruction set this CPU runs, every scale group
-it takes, against the fp32 reference of test_experts (which multiplies the known integer values
+"""The INT4 dot kernel (hybrid/experts/dot_backend.py, hybrid/native/int4_moe.cpp): every
+instruction set this CPU runs, every scale group it takes, against the fp32 reference of test_experts (which multiplies the known integer values
 and shares no unpacking code with the kernel); its build cached and never left half written."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import sys
 import pytest
 import torch
 
-from hybrid.experts.dot import library
-from hybrid.experts.dot.backend import DotExperts
+from hybrid.experts import dot_backend
+from hybrid.experts.dot_backend import DotExperts
 from hybrid.experts import self_check
 from hybrid.experts.weights import ExpertWeights
 from hybrid.quant import pack_int4
 from test_experts import H, reference, rel_err, routes
 
-pytestmark = pytest.mark.skipif(library.why_not() is not None,
-                                reason=f"the INT4 dot kernel cannot run here: {library.why_not()}")
+pytestmark = pytest.mark.skipif(dot_backend.why_not() is not None,
+                                reason=f"the INT4 dot kernel cannot run here: {dot_backend.why_not()}")
 E, I = 16, 384  # test_experts' routes() picks among 16 experts
-ISAS = [isa for isa, _, _ in library.ISAS]
+ISAS = [isa for isa, _, _ in dot_backend.ISAS]
 
 
 def weights(group: int, seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tensor, ...]]:
@@ -38,7 +38,7 @@ def weights(group: int, seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tenso
 
 
 def runnable(isa: str) -> None:
-    if isa not in library.runnable():
+    if isa not in dot_backend.runnable():
         pytest.skip(f"this CPU does not execute {isa}")
 
 
@@ -108,14 +108,14 @@ def test_the_build_is_cached_and_written_whole(tmp_path):
     """A fresh cache builds the library once, by rename: no partial file is ever at its name, and
     a second process loads it without building."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    code = ("from hybrid.experts.dot import library; import os; "
-            "before = set(os.listdir(library.CACHE)) if library.CACHE.exists() else set(); "
-            "assert library.load() is not None, library.why_not(); "
-            "print(sorted(set(os.listdir(library.CACHE)) - before))")
+    code = ("from hybrid.native import build; import os; "
+            "before = set(os.listdir(build.CACHE)) if build.CACHE.exists() else set(); "
+            "assert build.load() is not None, build.why_not(); "
+            "print(sorted(set(os.listdir(build.CACHE)) - before))")
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     built = eval(first.stdout.strip())
-    assert len(built) == 1 and built[0].startswith("int4_moe-") and built[0].endswith(".so")
+    assert len(built) == 1 and built[0].startswith("hybrid-") and built[0].endswith(".so")
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.strip() == "[]", second.stderr
     assert os.listdir(tmp_path / "hybrid" / "kernels") == built  # no temporary left beside it

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from hybrid.experts import cpu
 from hybrid.experts.choice import make_backend
-from hybrid.experts.dot import library
-from hybrid.experts.dot.backend import DotExperts
+from hybrid.experts import dot_backend
+from hybrid.experts.dot_backend import DotExperts
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
@@ -135,8 +135,8 @@ def float16():
 def test_int4_parity(name, int4, monkeypatch):
     if name.startswith("kt") and not cpu.kt().usable:
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
-    if name.startswith("dot-") and (library.why_not() or name[4:] not in library.runnable()):
-        pytest.skip(f"the INT4 dot kernel's {name[4:]} code cannot run here: {library.why_not() or 'not this CPU'}")
+    if name.startswith("dot-") and (dot_backend.why_not() or name[4:] not in dot_backend.runnable()):
+        pytest.skip(f"the INT4 dot kernel's {name[4:]} code cannot run here: {dot_backend.why_not() or 'not this CPU'}")
     if name == "kt-avx2-kernel":
         only_kernel(monkeypatch, "int4_kgroup", "AVX2RawInt4_MOE")
     make, tol = INT4_BACKENDS[name]
@@ -316,7 +316,7 @@ def test_split_and_thread_placement(int4):
 
 
 @KT
-@pytest.mark.skipif(library.why_not() is not None, reason=f"the INT4 dot kernel cannot run here: {library.why_not()}")
+@pytest.mark.skipif(dot_backend.why_not() is not None, reason=f"the INT4 dot kernel cannot run here: {dot_backend.why_not()}")
 def test_make_backend_picks_the_dot_kernel_or_kt_and_refuses_what_they_cannot_run(int4, caplog):
     from hybrid.experts.kt.backend import KTExperts
 
@@ -349,7 +349,7 @@ def test_a_shape_kt_refuses_still_gets_the_reference_result(int4):
 
 def test_fallback_says_so_once(int4, monkeypatch, caplog):
     monkeypatch.setattr(cpu, "kt", lambda: cpu.KtStatus(None, None, "kt-kernel is not importable (test)"))
-    monkeypatch.setattr(library, "why_not", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(dot_backend, "why_not", lambda: "no C++ compiler (test)")
     with caplog.at_level(logging.WARNING):
         backends = [make_backend(int4[0], layer) for layer in range(3)]
     assert all(b.name == "torch" for b in backends)

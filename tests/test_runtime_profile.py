@@ -10,7 +10,7 @@ import yaml
 from hybrid.api import load_model
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts import cpu as cpu_facts
-from hybrid.experts.dot import library
+from hybrid.experts import dot_backend
 from hybrid.model.synthetic import write_checkpoint
 from hybrid.offload.layout import Layout
 from placement.hardware import detect
@@ -23,7 +23,7 @@ TINY_PROFILE = Path(__file__).parent.parent / "profiles" / "tiny_cpu_2core.yaml"
 
 def test_tiny_model_follows_its_shipped_profile(tiny_dir):
     profile = Profile.load(TINY_PROFILE, model=tiny_dir)
-    runs = {"kt": cpu_facts.kt().usable, "dot": library.why_not() is None}.get(profile.cpu.backend, False)
+    runs = {"kt": cpu_facts.kt().usable, "dot": dot_backend.why_not() is None}.get(profile.cpu.backend, False)
     model = load_model(tiny_dir, TINY_PROFILE)
     decoder = model.decoder
     assert str(decoder.model.embed_tokens.weight.device) == profile.device_of("embed")

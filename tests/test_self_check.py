@@ -9,7 +9,7 @@ import torch
 from hybrid.api import load_model
 from hybrid.experts import choice, cpu, self_check
 from hybrid.experts.choice import default_kernel, make_backend
-from hybrid.experts.dot import library
+from hybrid.experts import dot_backend
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts.torch_backend import TorchExperts
 from hybrid.offload.layout import Layout
@@ -90,7 +90,7 @@ def test_the_default_kernel_passes_here_and_is_quick():
     backend, verdicts = default_kernel()
     assert verdicts and verdicts[-1].kernel == backend.kernel and verdicts[-1].ok
     assert all(v.seconds < 1.0 for v in verdicts)
-    if library.why_not() is None:
+    if dot_backend.why_not() is None:
         assert backend.name == "dot"
     elif cpu.kt().usable:
         assert backend.name == "kt"

@@ -1,4 +1,4 @@
-"""Routed INT4 experts on our own kernel (`int4_moe.cpp`): the checkpoint's 4-bit values and
+"""Routed INT4 experts on our own kernel (hybrid/native/int4_moe.cpp): the checkpoint's 4-bit values and
 scales as stored (the values' bytes reordered once at load for the kernel's lanes), the
 activations quantized to int8 in blocks of 32, the products integer dot products on torch's
 threads. One call per layer, whatever the tokens: each chosen expert's rows are read once per
@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.experts.dot import library
 from hybrid.experts.weights import ExpertWeights
+from hybrid.native import build
+from placement.cpu_probe import has
 from placement.model_spec import int4_dot_fits
+
+# the kernel's instruction sets, strongest first: name, the code the kernel takes, CPU flags
+ISAS = (("avx512_vnni", 2, ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")), ("avx2", 1, ("avx2", "fma")))
+
+
+def runnable() -> list[str]:
+    """The kernel's instruction sets that this CPU executes, strongest first."""
+    return [name for name, _, flags in ISAS if has(*flags)]
+
+
+def why_not() -> str | None:
+    """Why the kernel cannot run here, or None when it can."""
+    return "this CPU lacks AVX2, the least the INT4 dot kernel needs" if not runnable() else build.why_not()
 
 
 class DotExperts:
@@ -18,11 +32,12 @@ class DotExperts:
     method = "int4_kgroup"
 
     def __init__(self, weights: ExpertWeights, isa: str | None = None):
-        """`isa`: one of `library.runnable()` (default: the strongest)."""
+        """`isa`: one of `runnable()` (default: the strongest)."""
         assert self.fits(weights), "INT4 weights on the CPU in sizes the kernel takes"
-        self.isa = isa or library.runnable()[0]
-        self.lib = library.load()
-        assert self.lib is not None, library.why_not()
+        self.isa = isa or runnable()[0]
+        self.code = next(c for name, c, _ in ISAS if name == self.isa)
+        self.lib = build.load()
+        assert self.lib is not None, why_not()
         self.shape = (weights.num_experts, weights.hidden_size, weights.intermediate_size, weights.group_size)
         self.values = tuple(self._repack(t) for t in (weights.gate, weights.up, weights.down))
         self.scales = tuple(t.to(torch.bfloat16).contiguous() for t in
@@ -40,7 +55,7 @@ class DotExperts:
         src = packed.contiguous().view(torch.uint8)
         dst = torch.empty_like(src)
         rows, k = src.numel() // src.shape[-1], 2 * src.shape[-1]
-        if self.lib.hybrid_int4_repack(library.code(self.isa), rows, k, src.data_ptr(), dst.data_ptr()):
+        if self.lib.hybrid_int4_repack(self.code, rows, k, src.data_ptr(), dst.data_ptr()):
             raise RuntimeError(f"the INT4 dot kernel has no {self.isa} code in this build")
         return dst
 
@@ -67,7 +82,7 @@ class DotExperts:
         ids = topk_ids.to(torch.int64).contiguous()
         w = topk_weights.to(torch.float32).contiguous()
         out = torch.empty(x.shape[0], hidden_size, dtype=torch.float32)
-        rc = self.lib.hybrid_int4_moe(library.code(self.isa), x.shape[0], hidden_size, intermediate, group, experts,
+        rc = self.lib.hybrid_int4_moe(self.code, x.shape[0], hidden_size, intermediate, group, experts,
                                       ids.shape[1], x.data_ptr(), ids.data_ptr(), w.data_ptr(),
                                       *(t.data_ptr() for t in (*self.values, *self.scales)), out.data_ptr())
         if rc:
