@@ -59,7 +59,7 @@ class Tier:
     def read(self, rows: torch.Tensor) -> torch.Tensor:
         """[..., width] in the compute dtype, on this tier's device."""
         rows = rows.to(self.device)
-        kv = self.data[rows]
+        kv = self.data.index_select(0, rows.reshape(-1)).view(*rows.shape, self.data.shape[1])  # whole rows copied
         if self.scale is None:
             return kv
         scale = self.scale[rows]
@@ -112,6 +112,9 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         kv = torch.cat([latent, k_rope], dim=-1)
+        if self.host_from is None:  # one tier holds every slot
+            self.tiers[layer][0].write(slots, kv)
+            return
         for tier in self.tiers[layer]:
             inside = (slots >= tier.start) & (slots < tier.start + tier.data.shape[0])
             if bool(inside.any()):
@@ -134,7 +137,7 @@ class KVCache:
     def read_tier(self, layer: int, tier: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and rope keys of `slots` (any shape), all in tier `tier` (0 device, 1 host), where they live."""
         t = self.tiers[layer][tier]
-        return self._split(t.read(slots - t.start))
+        return self._split(t.read(slots - t.start if t.start else slots))
 
     def blocks(self, layer: int, tier: int, slots: torch.Tensor, size: int):
         """`Tier.blocks` of `slots` [C], all in tier `tier` (0 device, 1 host)."""
