@@ -11,7 +11,9 @@ dense projections on torch's bf16 matmul (`load_model(dense="torch")`) and its d
 as torch's ops rather than the compiled kernel (hybrid/model/compiled.py); routed experts run on
 the default backend in both. Batched decode: one step of `streams` sequences at once, each at the
 same context, beside the single-stream step. Where llama-cpp-python is installed (the `bench`
-extra), llama.cpp runs the same weights in the same run (bench/llamacpp.py), beside the runtime.
+extra), llama.cpp runs the same weights in the same run (bench/llamacpp.py), beside the runtime;
+its decode step is measured once more in turns with the runtime's, since this VM's bandwidth can
+move 1.5x between two measurements a minute apart.
 """
 
 from __future__ import annotations
@@ -77,6 +79,20 @@ def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdo
     return kernels, decode, prefill, many
 
 
+def head_to_head(folder: Path, dense: str, gguf: Path, context: int, threads: int, rounds: int = 4) -> dict:
+    """The runtime's and llama.cpp's one-stream decode step (ms) measured in turns, a block of 8
+    steps each, `rounds` times, so that a swing in the host's bandwidth falls on both: the best of
+    each."""
+    hm = load_model(folder, dense=dense)
+    hm.warm_up()
+    ours = theirs = float("inf")
+    with llamacpp.decode_steps(gguf, context, threads, steps=9 * rounds) as best:
+        for _ in range(rounds):
+            ours = min(ours, breakdown.decode_step(hm, context).total)
+            theirs = min(theirs, best(8))
+    return {"runtime_ms": round(ours * 1e3, 3), "llamacpp_ms": round(theirs * 1e3, 3), "rounds": rounds}
+
+
 def scaled(b: breakdown.Breakdown, rate: float) -> dict:
     """The breakdown as JSON, its floors (computed at a rate of 1) at `rate`."""
     b.floor = {k: v / rate for k, v in b.floor.items()}
@@ -121,6 +137,9 @@ def main() -> None:
         path = cached(folder, say=console.print)
         with console.status("llama.cpp on the same weights: decode step, prefill, batched decode step"):
             llama = llamacpp.figures(path, args.context, args.prompt, args.streams, torch.get_num_threads())
+        with console.status("the runtime's and llama.cpp's decode step, in turns"):
+            llama["turns"] = head_to_head(folder, runs["runtime"][0]["dense"], path, args.context,
+                                          torch.get_num_threads())
     else:
         console.print("llama.cpp is not installed (pip install -e '.[bench]'): no llama.cpp figures in this run")
     # the floors take the best rates seen in the run (the lowest floors): this VM's bandwidth varies
@@ -148,7 +167,10 @@ def main() -> None:
         t = Table(title=f"llama.cpp on the same weights ({llama['threads']} threads, n_ubatch {llama['n_ubatch']})")
         for col in ("", "llama.cpp ms", "runtime ms", "llama.cpp / runtime"):
             t.add_column(col, justify="right")
+        turns = llama["turns"]
         for name, ms, ours in (("decode step", llama["decode_ms"], fast["decode"]["total_ms"]),
+                               (f"decode step, in turns ({turns['rounds']} rounds)", turns["llamacpp_ms"],
+                                turns["runtime_ms"]),
                                ("prefill", llama["prefill_ms"], fast["prefill"]["total_ms"]),
                                (f"decode step of {args.streams} streams", llama["batched_ms"],
                                 fast["batched"]["total_ms"])):

@@ -134,23 +134,32 @@ def agreement(gguf_path: str | Path, folder: str | Path, tokens: int = 32, threa
                                         "runtime bf16 / runtime float32": _compare(bf16, f32)}}
 
 
+@contextlib.contextmanager
+def decode_steps(gguf_path: str | Path, context: int = 128, threads: int = 2, steps: int = 64):
+    """A function `best(n)`: the best of `n` more greedy decode steps (seconds) of one sequence
+    that started with `context` random tokens, up to `steps` steps in all; for measuring llama.cpp
+    in turns with the runtime."""
+    with loaded(gguf_path) as model, session(model, context + steps + 2, context, threads=threads) as s:
+        ids = _ids(context, s.n_vocab)
+        s.decode(ids, range(context), [0] * context, logits=[False] * (context - 1) + [True])
+        token, pos = int(s.logits(-1).argmax()), context
+
+        def step() -> None:
+            nonlocal token, pos
+            s.decode([token], [pos], [0], logits=True)
+            token, pos = int(s.logits(-1).argmax()), pos + 1
+
+        yield lambda n: best_seconds(step, n)
+
+
 def figures(gguf_path: str | Path, context: int = 128, prompt: int = 2048, streams: int = 16,
             threads: int = 2, steps: int = 8) -> dict:
     """llama.cpp with `threads` threads, in ms: one decode step at `context` tokens of context
     (greedy, the best of `steps`), the prefill of a `prompt`-token prompt (after a short warm-up),
     and one decode step of `streams` sequences at once, each `context` tokens in (best of 3)."""
+    with decode_steps(gguf_path, context, threads, steps + 1) as best:
+        decode = best(steps)
     with loaded(gguf_path) as model:
-        with session(model, context + steps + 2, context, threads=threads) as s:
-            ids = _ids(context, s.n_vocab)
-            s.decode(ids, range(context), [0] * context, logits=[False] * (context - 1) + [True])
-            token, pos = int(s.logits(-1).argmax()), context
-
-            def step() -> None:
-                nonlocal token, pos
-                s.decode([token], [pos], [0], logits=True)
-                token, pos = int(s.logits(-1).argmax()), pos + 1
-
-            decode = best_seconds(step, steps)
         with session(model, prompt, prompt, threads=threads) as s:
             s.decode(list(range(16)), range(16), [0] * 16)
             s.clear()

@@ -20,11 +20,14 @@ HOST_GBPS_PER_NUMA_NODE = 200.0  # assumed: an 8-channel DDR5 socket at about 65
 KT_DECODE_GBPS_PER_THREAD = 6.0  # INT4 weights one kt-kernel worker streams at T = 1 (measured 5-7)
 CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of weights, 85 GB/s read
 TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read bandwidth
-# The INT4 dot kernel (hybrid/experts/dot): at T = 1 a core is bound by its vector units, not the
-# memory; with enough cores, by the memory. Prefill: its integer dot products on many tokens.
-DOT_DECODE_GBPS_PER_THREAD = 14.0  # INT4 weights with scales per thread in a decode step (Zen 4, 2 threads)
+# The INT4 dot kernel (hybrid/native/int4_moe.cpp): at T = 1 a core streams ~20 GB/s of INT4 on
+# its own (one core cannot draw more of the memory), so few cores are bound by themselves, many by
+# the memory. Prefill: its integer dot products on many tokens. Measured on Zen 4 (AVX-512 VNNI),
+# 2 threads, in `mini`'s decode step (170 MB of chosen experts in 4.8-4.9 ms) and 2,048-token
+# prefill (1.24 TFLOP in 3.3-3.8 s).
+DOT_DECODE_GBPS_PER_THREAD = 17.0
 DOT_HOST_SHARE = 0.8  # assumed: the share of host read bandwidth it reaches once memory-bound
-DOT_PREFILL_TFLOPS_PER_THREAD = 0.14  # measured: 2,048-token prefill of `mini`, Zen 4, 2 threads
+DOT_PREFILL_TFLOPS_PER_THREAD = 0.16
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
 # (hybrid/model/dense_kernel.py): on Zen 4 the compiled GEMV; on AVX2 the planner assumes torch's
 # matmul (not measured there against the compiled GEMV, which the runtime times at load as well).
