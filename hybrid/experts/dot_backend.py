@@ -13,6 +13,10 @@ from hybrid.native import build
 from placement.cpu_probe import has
 from placement.model_spec import int4_dot_fits
 
+# Tokens per call of the kernel: its scratch holds each (token, expert) pair's activations and
+# output (at Kimi's sizes ~35 KB a pair), and past a few hundred tokens a call's weights are read
+# once for many tokens anyway.
+CHUNK = 1024
 # the kernel's instruction sets, strongest first: name, the code the kernel takes, CPU flags
 ISAS = (("avx512_vnni", 2, ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")), ("avx2", 1, ("avx2", "fma")))
 
@@ -82,9 +86,10 @@ class DotExperts:
         ids = topk_ids.to(torch.int64).contiguous()
         w = topk_weights.to(torch.float32).contiguous()
         out = torch.empty(x.shape[0], hidden_size, dtype=torch.float32)
-        rc = self.lib.hybrid_int4_moe(self.code, x.shape[0], hidden_size, intermediate, group, experts,
-                                      ids.shape[1], x.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                                      *(t.data_ptr() for t in (*self.values, *self.scales)), out.data_ptr())
-        if rc:
-            raise RuntimeError(f"the INT4 dot kernel has no {self.isa} code in this build")
+        for s in range(0, x.shape[0], CHUNK):
+            rc = self.lib.hybrid_int4_moe(self.code, min(CHUNK, x.shape[0] - s), hidden_size, intermediate, group,
+                                          experts, ids.shape[1], x[s].data_ptr(), ids[s].data_ptr(), w[s].data_ptr(),
+                                          *(t.data_ptr() for t in (*self.values, *self.scales)), out[s].data_ptr())
+            if rc:
+                raise RuntimeError(f"the INT4 dot kernel has no {self.isa} code in this build")
         return out.to(hidden.dtype)

@@ -290,13 +290,21 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
 
   const size_t qh = q8_bytes(H, lanes), qi = q8_bytes(I, lanes);
   std::vector<uint8_t> xq(qh * T), hq(qi * P);
-  std::vector<float> h(size_t(P) * I);
+  std::vector<float> h(size_t(P) * I), part(size_t(P) * H);
+  std::vector<int> pstart(T + 1, 0), pairs(P);  // each token's pairs
+  for (int p = 0; p < P; ++p) ++pstart[tok[p] + 1];
+  for (int t = 0; t < T; ++t) pstart[t + 1] += pstart[t];
+  {
+    std::vector<int> at(pstart.begin(), pstart.end() - 1);
+    for (int p = 0; p < P; ++p) pairs[at[tok[p]]++] = p;
+  }
   std::vector<Q8> xv(T), hv(P);
   for (int t = 0; t < T; ++t) xv[t] = q8_view(xq.data() + qh * t, H, lanes);
   for (int p = 0; p < P; ++p) hv[p] = q8_view(hq.data() + qi * p, I, lanes);
 
-  // gate and up: work items are (expert, block of ROWS rows); down: blocks of output rows, each
-  // over every expert used, so no two threads write the same output. One parallel region: its
+  // gate and up, then down: work items are (expert, block of ROWS rows), so each thread streams
+  // long runs of one expert's rows; down writes each pair's weighted output apart, and each token
+  // then sums its own pairs, so no two threads write the same output. One parallel region: its
   // loops' barriers order the steps.
   const int blocks = (I + ROWS - 1) / ROWS, out_blocks = (H + ROWS - 1) / ROWS;
 #pragma omp parallel
@@ -325,17 +333,22 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
 #pragma omp for schedule(static)
     for (int p = 0; p < P; ++p) quantize(h.data() + size_t(p) * I, I, lanes, hq.data() + qi * p);
 #pragma omp for schedule(static)
-    for (int item = 0; item < out_blocks; ++item) {
-      const int r0 = item * ROWS, rows = std::min(ROWS, H - r0);
-      for (int ui = 0; ui < U; ++ui) {
-        const int e = used[ui], p0 = start[e], n = start[e + 1] - p0;
-        g.resize(size_t(rows) * n);
-        const size_t row = size_t(e) * H + r0;
-        dots(down + row * (I / 2), I / 2, down_s + row * (I / G), I / G, rows, I, hv.data() + p0, n, g.data());
-        for (int r = 0; r < rows; ++r)
-          for (int j = 0; j < n; ++j) out[size_t(tok[p0 + j]) * H + r0 + r] += wt[p0 + j] * g[r * n + j];
-      }
+    for (int item = 0; item < U * out_blocks; ++item) {
+      const int e = used[item / out_blocks], r0 = item % out_blocks * ROWS, rows = std::min(ROWS, H - r0);
+      const int p0 = start[e], n = start[e + 1] - p0;
+      g.resize(size_t(rows) * n);
+      const size_t row = size_t(e) * H + r0;
+      dots(down + row * (I / 2), I / 2, down_s + row * (I / G), I / G, rows, I, hv.data() + p0, n, g.data());
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < n; ++j) part[size_t(p0 + j) * H + r0 + r] = wt[p0 + j] * g[r * n + j];
     }
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t)
+      for (int i = pstart[t]; i < pstart[t + 1]; ++i) {
+        const float* src = part.data() + size_t(pairs[i]) * H;
+        float* dst = out + size_t(t) * H;
+        for (int c = 0; c < H; ++c) dst[c] += src[c];
+      }
   }
   return 0;
 }
