@@ -26,7 +26,6 @@
 
 namespace {
 
-constexpr int TOKENS = 4;    // tokens multiplied per pass over a weight row (accumulators in registers)
 constexpr int ROWS = 16;     // weight rows per work item
 constexpr int AHEAD = 4096;  // bytes of a weight stream prefetched ahead: a core alone draws more of the memory
 
@@ -103,6 +102,7 @@ using Dots = void (*)(const uint8_t* w, size_t stride, const uint16_t* s, size_t
 // AVX2), in group (LANES sb + l) * 32 / G.
 struct Avx512 {
   static constexpr int LANES = 16;
+  static constexpr int TOKENS = 4;  // tokens per pass over a row, accumulators in registers (more measured slower)
 
   template <int N, int G>
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void rows(
@@ -157,6 +157,7 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 
 struct Avx2 {
   static constexpr int LANES = 8;
+  static constexpr int TOKENS = 4;  // 16 vector registers: 4 tokens' two accumulators and the row's
 
   // a chunk of `left` lanes: whole, or copied into a zeroed buffer (AVX2 has no masked byte loads)
   __attribute__((target("avx2,fma"))) static __m256i load(const void* p, int left, uint8_t* part) {
@@ -214,18 +215,22 @@ struct Avx2 {
   }
 };
 
-// all `nt` tokens, TOKENS at a time
+// n (<= N) tokens in one pass
+template <class Isa, int G, int N>
+void pass(int n, const uint8_t* w, size_t stride, const uint16_t* s, size_t sstride, int rows, int K, const Q8* q,
+          int nt, float* res) {
+  if (n == N)
+    Isa::template rows<N, G>(w, stride, s, sstride, rows, K, q, nt, res);
+  else if constexpr (N > 1)
+    pass<Isa, G, N - 1>(n, w, stride, s, sstride, rows, K, q, nt, res);
+}
+
+// all `nt` tokens, Isa::TOKENS at a time
 template <class Isa, int G>
 void tokens(const uint8_t* w, size_t stride, const uint16_t* s, size_t sstride, int rows, int K, const Q8* q, int nt,
             float* res) {
-  for (int t = 0; t < nt; t += TOKENS) {
-    switch (std::min(TOKENS, nt - t)) {
-      case 1: Isa::template rows<1, G>(w, stride, s, sstride, rows, K, q + t, nt, res + t); break;
-      case 2: Isa::template rows<2, G>(w, stride, s, sstride, rows, K, q + t, nt, res + t); break;
-      case 3: Isa::template rows<3, G>(w, stride, s, sstride, rows, K, q + t, nt, res + t); break;
-      default: Isa::template rows<4, G>(w, stride, s, sstride, rows, K, q + t, nt, res + t);
-    }
-  }
+  for (int t = 0; t < nt; t += Isa::TOKENS)
+    pass<Isa, G, Isa::TOKENS>(std::min(Isa::TOKENS, nt - t), w, stride, s, sstride, rows, K, q + t, nt, res + t);
 }
 
 template <class Isa>
