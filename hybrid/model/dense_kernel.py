@@ -5,9 +5,11 @@ torch's own bf16 matmul reads a weight at about half the bandwidth there. oneDNN
 weight once in its blocked layout, reads it at ~0.6-0.75 of what a plain sum over the same bytes
 reaches, on CPUs with bf16 instructions. A GEMV that torch's compiler (Inductor) generates for
 this one job, widen each bf16 row to fp32 and multiply-add it into one sum, streams the weight as
-fast as that sum on any x86 CPU (measured on Zen 4: 45 against oneDNN's 33 GB/s for the lm_head);
-more tokens than one go to torch's GEMM, which keeps the weight in its plain layout. Which kernel
-wins is timed on a weight larger than the caches, not assumed from the instruction set; all
+fast as that sum on a wide weight (measured on Zen 4: 45 against oneDNN's 33 GB/s for the lm_head),
+though not on a long one (past 4,096 inputs Inductor splits the reduction: 26 against oneDNN's 53
+GB/s for an MLP's 5,632-wide down projection, on another Zen 4 VM where oneDNN also read the lm_head
+as fast); more tokens than one go to torch's GEMM, which keeps the weight in its plain layout. Which kernel
+wins is timed on weights larger than the caches, not assumed from the instruction set; all
 compute in fp32 from the checkpoint's bf16 weights, so the choice changes speed, not results
 beyond rounding.
 """
@@ -71,27 +73,34 @@ def supported() -> tuple[str, ...]:
 PACKED = {"onednn": OneDNNLinear, "compiled": CompiledLinear}
 
 
+# one-token projections the choice is timed on, 64 MiB each (beyond the caches): a wide one, as
+# attention's and the lm_head's are, and a long one, as an MLP's down projection is (a kernel can
+# be fast on one and slow on the other: Inductor's GEMV splits reductions past 4,096)
+SHAPES = ((8192, 4096), (2048, 16384))
+
+
 @functools.cache
-def fastest(rows: int = 8192, cols: int = 4096, rounds: int = 7) -> str:
-    """The kernel that runs a one-token projection of a rows x cols bf16 weight (64 MiB: beyond the
-    caches) fastest here: each kernel's best call, the kernels taking turns round by round, so that
-    a swing in the host's bandwidth (this can move by 2x within minutes on a shared VM) does not
-    fall on one kernel's calls only."""
+def fastest(rounds: int = 7) -> str:
+    """The kernel that runs one-token projections of bf16 weights (`SHAPES`) fastest here: each
+    kernel's best time on each shape, summed; the kernels take turns round by round, so that a
+    swing in the host's bandwidth (this can move by 2x within minutes on a shared VM) does not fall
+    on one kernel's calls only."""
     kernels = supported()
     if len(kernels) == 1:
         return kernels[0]
-    weight = torch.full((rows, cols), 0.01, dtype=torch.bfloat16)  # values do not change the speed
-    x = torch.ones(1, cols, dtype=torch.bfloat16)
-    calls = {k: PACKED[k](weight) if k in PACKED else functools.partial(F.linear, weight=weight) for k in kernels}
-    best = dict.fromkeys(kernels, float("inf"))
-    for f in calls.values():
-        f(x)
-    for _ in range(rounds):
-        for kernel, f in calls.items():
-            start = time.perf_counter()
+    best = {(k, shape): float("inf") for k in kernels for shape in SHAPES}
+    for shape in SHAPES:
+        weight = torch.full(shape, 0.01, dtype=torch.bfloat16)  # values do not change the speed
+        x = torch.ones(1, shape[1], dtype=torch.bfloat16)
+        calls = {k: PACKED[k](weight) if k in PACKED else functools.partial(F.linear, weight=weight) for k in kernels}
+        for f in calls.values():
             f(x)
-            best[kernel] = min(best[kernel], time.perf_counter() - start)
-    return min(best, key=best.get)
+        for _ in range(rounds):
+            for kernel, f in calls.items():
+                start = time.perf_counter()
+                f(x)
+                best[kernel, shape] = min(best[kernel, shape], time.perf_counter() - start)
+    return min(kernels, key=lambda k: sum(best[k, shape] for shape in SHAPES))
 
 
 def pack(model: nn.Module, kernel: str | None = None) -> str:
