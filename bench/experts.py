@@ -29,6 +29,7 @@ from rich.table import Table
 
 from bench.common import KIMI_HIDDEN, KIMI_INTER, KIMI_TOP_K, ROOT, kimi_experts, save
 from hybrid.experts import cpu
+from hybrid.experts.dot_backend import DotExperts
 from hybrid.experts.torch_backend import PackedInt4Experts
 from hybrid.experts.weights import ExpertWeights
 from hybrid.measure import host_gbps
