@@ -109,7 +109,7 @@ PATHS = (
     ComputePath("bf16, decode, compiled GEMV", 0.005, backend="torch", dense="compiled", kv_dtype="bf16",
                 decode=True, note="one token a step with the dense projections on the compiled GEMV (compiled.py)"),
     ComputePath("bf16, decode, INT4 dot kernel", 0.005, backend="dot", dense="compiled", kv_dtype="bf16",
-                decode=True, note="one token a step on the default CPU path: compiled GEMV, INT4 dot kernel"),
+                decode=True, note="one token a step with the routed experts on the INT4 dot kernel, dense on the compiled GEMV"),
     ComputePath("bf16, dense on the GPU", 0.005, device="cuda", note="attention, shared and dense MLPs on cuda:0; experts on the CPU"),
     ComputePath("bf16, all experts on the GPU", 0.005, device="cuda", gpu_experts=True,
          note="every routed expert in the GPU's hot-expert cache"),

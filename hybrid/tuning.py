@@ -21,12 +21,16 @@ def with_proven_backend(hw):
 
 
 def plan_here(folder: Path):
-    """A plan of the checkpoint at `folder` for this machine."""
+    """A plan of the checkpoint at `folder` for this machine, at the host read bandwidth measured
+    on it now (the cost model's default is a per-core figure from another machine)."""
+    from hybrid.measure import host_gbps
     from placement.hardware import detect
     from placement.model_spec import ModelSpec
     from placement.planner import plan
 
-    return plan(ModelSpec.from_config(folder), with_proven_backend(detect()))
+    hw = with_proven_backend(detect())
+    hw.measured.host_gbps = round(max(host_gbps() for _ in range(3)), 1)  # it can swing 1.5x within seconds
+    return plan(ModelSpec.from_config(folder), hw)
 
 
 def compare(model: HybridModel, profile, prompt: int, decode: int) -> Table:
@@ -34,7 +38,7 @@ def compare(model: HybridModel, profile, prompt: int, decode: int) -> Table:
 
     spec = profile.spec()
     fig = cost.figures(profile.hardware, profile.cpu.backend, profile.cpu.method, profile.cpu.threads)
-    want_decode, decode_ms = cost.decode(profile, spec, fig)
+    want_decode, decode_ms = cost.decode(profile, spec, fig, context=prompt + decode // 2)  # as measured
     want_prefill, prefill_ms = cost.prefill(profile, spec, fig, prompt=prompt)
     got = measure(model, prompt, decode)
     table = Table(title=f"{model.folder.name}: measured vs predicted ({profile.hardware.summary()})")

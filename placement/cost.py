@@ -45,7 +45,10 @@ DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
 # cache does not pay: measured as the time FP8 adds over bf16 in the same run, 2.4-3.0 G values/s a thread.
 CPU_ATTENTION_EFFICIENCY = 0.27
 FP8_DECODE_GVALUES_PER_THREAD = 2.5
-CPU_MODULE_OVERHEAD_S = 0.6e-3  # per module on the CPU: its small ops and thread wake-ups (measured)
+# per module on the CPU: its small ops, the compiler's guards and thread wake-ups (measured on Zen 4:
+# the default model's decode step, all of it such time, 2.3 ms over 12 modules; mini's attention
+# 0.5 ms a layer over its bytes, its router 0.08, its MLPs about none)
+CPU_MODULE_OVERHEAD_S = 0.2e-3
 PREFILL_TFLOPS_PER_THREAD = {  # expert FLOP/s per kt thread on long prompts
     "int4_kgroup": 1.0 / 15,  # RAWINT4, measured 1.0 TFLOP/s on 15 threads
     "amx_int4": 9.4 / 15,  # measured 9.4 TFLOP/s on 15 threads
