@@ -1,10 +1,11 @@
 """Serving over HTTP on loopback: a load generator against `hybrid serve`, which it starts itself.
 
-Measures single-stream decode tokens/s (the best of three 64-token replies) and time to first
-token (TTFT); aggregate tokens/s with 1, 4 and 16 concurrent streams; and the TTFT of a second
-turn that shares a 2,000-token prefix with the first against the first's (cold) TTFT. Target: the
-second turn's TTFT at most 15% of the cold one. Every phase is bounded in requests and tokens,
-and the whole run in time.
+Measures single-stream decode tokens/s (the best of three 64-token replies), beside the model's
+own measured the same way in this process before the server starts (target: the server within 10%
+of it), and time to first token (TTFT); aggregate tokens/s with 1, 4 and 16 concurrent streams;
+and the TTFT of a second turn that shares a 2,000-token prefix with the first against the first's
+(cold) TTFT (target: at most 15% of it). Every phase is bounded in requests and tokens, and the
+whole run in time.
 
     python -m bench.serve [--preset mini] [--model DIR] [--budget-s 540]
 """
@@ -33,6 +34,7 @@ from hybrid.tokenizer import Tokenizer
 CONCURRENCY = (1, 4, 16)
 PREFIX_TOKENS = 2000
 TARGET = 0.15
+SERVER_LOSS = 0.10  # the most of the model's own decode rate the server may lose
 
 
 @dataclass
@@ -121,6 +123,29 @@ async def measure(url: str, model: str, tokenizer: Tokenizer, deadline: float, c
     return out
 
 
+def model_decode_tok_s(folder: Path, tokens: int = 64, tries: int = 3) -> float:
+    """The model's own single-stream greedy decode rate, measured in this process before the server
+    starts, as the server's is: the best of `tries` replies of `tokens` tokens, prefill excluded
+    (a reply of `tokens` + 1 tokens less one of 1), on a prompt of the length the server's has."""
+    import gc
+
+    from hybrid.api import load_model
+
+    model = load_model(folder)
+    model.warm_up()
+    prompt = list(range(1000, 1048))
+    best = 0.0
+    for _ in range(tries):
+        start = time.perf_counter()
+        model.generate(prompt, 1)
+        first = time.perf_counter()
+        model.generate(prompt, tokens + 1)
+        best = max(best, tokens / (time.perf_counter() - first - (first - start)))
+    del model
+    gc.collect()
+    return best
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,6 +167,8 @@ def main() -> None:
     console = Console()
     start = time.monotonic()
     folder = args.model or preset_model(args.preset, console.print)
+    with console.status("the model's own single-stream decode, before the server starts"):
+        own = model_decode_tok_s(folder)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="hybrid-serve-", suffix=".log", delete=False)
@@ -161,6 +188,7 @@ def main() -> None:
         console.print(f"server up in {time.monotonic() - start:.0f} s")
         results = asyncio.run(measure(url, model, Tokenizer.from_pretrained(folder), start + args.budget_s, console))
         results["forward_s"], results["expert_s"] = scrape(url, "forward_seconds_total", "expert_wait_seconds_total")
+        results["model_decode_tok_s"] = own
     finally:
         server.terminate()
         server.wait(30)
@@ -168,7 +196,10 @@ def main() -> None:
 
 
 def report(r: dict, preset: str, console: Console) -> None:
-    rows = [("single-stream decode", f"{r['single']['decode_tok_s']:.2f} tok/s", ""),
+    served, own = r["single"]["decode_tok_s"], r["model_decode_tok_s"]
+    rows = [("single-stream decode", f"{served:.2f} tok/s",
+             f"{served / own:.2f} of the model's own (target >= {1 - SERVER_LOSS:.2f})"),
+            ("the model's own single-stream decode, same run", f"{own:.2f} tok/s", "in process, no server"),
             ("single-stream TTFT (short prompt)", f"{r['single']['ttft_s']:.2f} s", "")]
     for c, v in r["concurrent"].items():
         rows.append((f"aggregate decode, {c} stream{'s' * (c > 1)}", f"{v['aggregate_tok_s']:.2f} tok/s",
