@@ -344,6 +344,7 @@ def plan(
 @app.command()
 def doctor():
     """What this machine offers the CPU experts: instruction sets, kt-kernel, cores, NUMA, memory."""
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -356,7 +357,8 @@ def doctor():
     for item, value in report():
         table.add_row(item, value)
     backend, verdicts = default_kernel()
-    table.add_row("INT4 expert kernel", f"{backend.name}: {backend.kernel}")
+    table.add_row("INT4 expert kernel", f"{backend.name}: {backend.kernel}"
+                  + (f", on torch's {torch.get_num_threads()} threads" if backend.name == "dot" else ""))
     for v in verdicts:
         verdict = "[green]passed[/]" if v.ok else f"[red]refused[/] {v.kernel}"
         table.add_row("self-check", f"{verdict}: relative error {v.error:.2g} against float32 (tolerance "

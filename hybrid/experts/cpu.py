@@ -99,7 +99,7 @@ def report() -> list[tuple[str, str]]:
     rows += [("kt-kernel", status.version or "not installed"),
              ("kt-kernel build", f"{status.variant or '-'} (best this CPU runs: {native_variant() or 'none'})"),
              ("cores", f"{len(cores)} physical, {len(usable_cpus())} logical usable"),
-             ("expert threads", f"{len(cores)}: kt-kernel on cores {cores[:-1]}, the caller's share on core {cores[-1]}"
+             ("kt-kernel threads", f"{len(cores)}: kt-kernel on cores {cores[:-1]}, the caller's share on core {cores[-1]}"
               if len(cores) > 1 else f"1: kt-kernel on core {cores[0]}"),
              ("NUMA nodes", f"{len(nodes)}: " + "; ".join(f"node {n}: cores {c}" for n, c in nodes.items())),
              ("memory", f"{total / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available")]
