@@ -344,12 +344,11 @@ def plan(
 @app.command()
 def doctor():
     """What this machine offers the CPU experts: instruction sets, kt-kernel, cores, NUMA, memory."""
-    import torch
     from rich.console import Console
     from rich.table import Table
 
     from hybrid.experts.choice import default_kernel
-    from hybrid.experts.cpu import report
+    from hybrid.experts.cpu import report, threads_of
 
     table = Table(title="CPU experts on this machine", show_header=False)
     table.add_column(style="bold")
@@ -357,8 +356,7 @@ def doctor():
     for item, value in report():
         table.add_row(item, value)
     backend, verdicts = default_kernel()
-    table.add_row("INT4 expert kernel", f"{backend.name}: {backend.kernel}"
-                  + (f", on torch's {torch.get_num_threads()} threads" if backend.name == "dot" else ""))
+    table.add_row("INT4 expert kernel", f"{backend.name}: {backend.kernel}, {threads_of(backend)}")
     for v in verdicts:
         verdict = "[green]passed[/]" if v.ok else f"[red]refused[/] {v.kernel}"
         table.add_row("self-check", f"{verdict}: relative error {v.error:.2g} against float32 (tolerance "

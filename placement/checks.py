@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from placement.errors import PlacementError
 from placement.memory import GIB, LAYER_GROUPS, host_reserve, usage
-from placement.model_spec import Arch, int4_dot_fits
+from placement.model_spec import INT4_DOT_TAKES, Arch, int4_dot_fits
 
 if TYPE_CHECKING:
     from placement.profile import Profile
@@ -175,9 +175,8 @@ def _cpu(p: Profile, out: list) -> None:
             out.append(Problem("cpu.backend", f"the INT4 dot kernel runs INT4 experts as stored (int4_kgroup), not "
                                f"{c.method}", "use method int4_kgroup, or backend kt"))
         elif not int4_dot_fits(a.hidden_size, a.moe_intermediate_size, a.group_size):
-            out.append(Problem("cpu.backend", f"the INT4 dot kernel takes hidden and expert sizes divisible by 128 "
-                               f"and scale groups of 32, 64 or 128; this model has {a.hidden_size}, "
-                               f"{a.moe_intermediate_size} and {a.group_size}", "use backend kt"))
+            out.append(Problem("cpu.backend", f"the INT4 dot kernel takes {INT4_DOT_TAKES}; this model has "
+                               f"{a.hidden_size}, {a.moe_intermediate_size} and {a.group_size}", "use backend kt"))
 
 
 def _kv(p: Profile, out: list) -> None:

@@ -184,8 +184,12 @@ def checkpoint_tensors(a: Arch) -> Iterator[Tensor]:
     yield from module_tensors(a, "lm_head")
 
 
+INT4_DOT_TAKES = "hidden and expert sizes divisible by 128 and scale groups of 32, 64 or 128"
+
+
 def int4_dot_fits(hidden: int, intermediate: int, group: int) -> bool:
-    """Whether the runtime's INT4 dot kernel (hybrid/experts/dot) takes experts of these sizes: it
+    """Whether the runtime's INT4 dot kernel (hybrid/native/int4_moe.cpp) takes experts of these sizes
+    (`INT4_DOT_TAKES`): it
     reads 128 values per step and expands one load of scales over groups of 32, 64 or 128."""
     return hidden % 128 == 0 and intermediate % 128 == 0 and group in (32, 64, 128)
 

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import torch
 
-from hybrid.experts import cpu, self_check
+from hybrid.experts import cpu, dot_backend, self_check
 from hybrid.experts.backend import ExpertBackend
-from hybrid.experts import dot_backend
 from hybrid.experts.dot_backend import DotExperts
 from hybrid.experts.options import ExpertOptions
 from hybrid.experts.torch_backend import PackedInt4Experts, TorchExperts
 from hybrid.experts.weights import ExpertWeights
+from placement.model_spec import INT4_DOT_TAKES
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -56,16 +56,16 @@ def choose_backend(weights: ExpertWeights, layer: int, options: ExpertOptions = 
 def _candidates(weights: ExpertWeights, layer: int, options: ExpertOptions, dtype: torch.dtype,
                 top_k: int) -> Iterator[ExpertBackend]:
     if options.backend == "dot" or (options.backend == "auto" and dtype == torch.bfloat16 and weights.format == "int4"):
-        reason = dot_backend.why_not() or (None if DotExperts.fits(weights) else
-                                       f"it takes INT4 experts in host memory with hidden and intermediate sizes "
-                                       f"divisible by 128 and scale groups of 32, 64 or 128; these are "
-                                       f"{weights.format}, {weights.hidden_size} x {weights.intermediate_size}, "
-                                       f"group {weights.group_size}")
+        unavailable = dot_backend.why_not()
+        reason = unavailable or (None if DotExperts.fits(weights) else
+                                 f"it takes INT4 experts in host memory with {INT4_DOT_TAKES}; these are "
+                                 f"{weights.format}, {weights.hidden_size} x {weights.intermediate_size}, "
+                                 f"group {weights.group_size}")
         if reason is None:
             yield DotExperts(weights)
         elif options.backend == "dot":
             raise RuntimeError(f"expert backend dot was asked for, but {reason}")
-        elif dot_backend.why_not():
+        elif unavailable:
             _warn_once(f"the INT4 dot kernel cannot run here: {reason}")
     if options.backend == "kt" or (options.backend == "auto" and dtype == torch.bfloat16):
         reason = cpu.kt().reason

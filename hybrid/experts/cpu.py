@@ -14,6 +14,8 @@ import functools
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from placement.cpu_probe import cores_by_node, has, memory, model_name, usable_cpus
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,14 @@ def expert_cores(threads: int | None = None) -> list[int]:
             log.warning("threads=%d but only %d physical cores are usable; using %d", threads, len(cores), len(cores))
         cores = cores[:threads]
     return cores
+
+
+def threads_of(backend) -> str:
+    """The threads an expert backend computes on: its own pool's, or torch's."""
+    threads = getattr(backend, "threads", None)
+    if threads:
+        return f"{threads} thread{'s' * (threads != 1)}"
+    return f"torch's {torch.get_num_threads()} threads"
 
 
 def report() -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from hybrid.api import load_model
 from hybrid.engine import Engine, EngineConfig, EngineThread, PromptTooLong, RequestOutput, SamplingParams
 from hybrid.engine.constrained import OneToolCall, ThinkingBudget, json_grammar, tool_call_grammar
 from hybrid.engine.grammar import GrammarError, GrammarProcessor
+from hybrid.experts.cpu import threads_of
 from hybrid.server.conversation import Conversation
 from hybrid.server.errors import APIError
 from hybrid.server.metrics import Metrics
@@ -132,7 +133,7 @@ def summary(engine: Engine, model_name: str) -> list[str]:
     quant = {"compressed-tensors": "int4", "fp8": "fp8"}.get(cfg.quant.method, "?") if cfg.quant else "bf16"
     devices = sorted({p.embed, p.lm_head, *p.layers.values()})
     hot = sum(len(ids) for ids in p.hot_experts.values())
-    kernels = sorted({f"{e.cpu.name}: {e.cpu.kernel}, {_threads(e.cpu)}" for e in model.moe_experts()})
+    kernels = sorted({f"{e.cpu.name}: {e.cpu.kernel}, {threads_of(e.cpu)}" for e in model.moe_experts()})
     return [
         f"model: {model_name} ({model.folder}): {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "
         f"routed experts of which {cfg.num_experts_per_tok} per token ({quant}), computing in "
@@ -152,11 +153,6 @@ def summary(engine: Engine, model_name: str) -> list[str]:
         "{\"type\": \"disabled\"} to turn it off), off for /v1/messages unless the request sends \"thinking\" "
         "(Anthropic's default)",
     ]
-
-
-def _threads(backend) -> str:
-    threads = getattr(backend, "threads", None)
-    return f"{threads} thread{'s' * (threads != 1)}" if threads else f"torch's {torch.get_num_threads()} threads"
 
 
 def kimi_tool_ids(messages: list[dict]) -> list[dict]:
