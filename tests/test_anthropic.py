@@ -209,8 +209,9 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(server, serving, mo
             raise APIError(500, "internal error: the engine failed")
 
     monkeypatch.setattr(serving, "generate", broken)
+    # a reply long enough that the engine cannot have finished it by the first output the stream reads
     r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": KEY},
-                   json={"model": "m", "max_tokens": 8, "messages": HI, "stream": True})
+                   json={"model": "m", "max_tokens": 256, "messages": HI, "stream": True})
     events = sse_events(r.text)
     assert r.status_code == 200 and events[0]["type"] == "message_start"
     assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "internal error: the engine failed"}}

@@ -74,17 +74,15 @@ def test_a_client_that_leaves_a_plain_request_cancels_it_at_once(server, serving
 
 
 def test_sigterm_ends_a_long_generation_within_seconds(tiny_dir, tmp_path):
-    """`hybrid serve` told to stop mid-stream: the stream ends with an error event, the process
-    is gone within 5 s."""
+    """`hybrid serve` told to stop with a stream open, while it reads the long prompt (stopped
+    after the first token instead, a random model may already have ended its reply): the stream
+    ends with an error event, the process is gone within 5 s."""
     served = Served(tiny_dir, tmp_path / "serve.log", key=KEY)
     body, headers = BODIES["/v1/messages"]
     events = []
     with httpx.stream("POST", served.url + "/v1/messages", json={**body, "stream": True}, headers=headers,
                       timeout=60) as response:
         lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("event: content_block_delta"):
-                break
         took = served.stop()
         for line in lines:
             if line.startswith("data: "):
