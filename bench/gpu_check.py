@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import KIMI_EXPERTS, KIMI_HIDDEN, KIMI_INTER, KIMI_TOP_K, kimi_experts, save
-from hybrid.measure import host_gbps
+from hybrid.measure import gemm_tflops, host_gbps
+from placement.memory import STREAM_GROUP
 
 console = Console()
 
@@ -39,17 +40,18 @@ def pcie_bandwidth() -> float:
 
 
 def correctness(tiny: Path) -> list[tuple[str, float]]:
-    """bf16 logits of the GPU placements against the same placement on the CPU."""
+    """float32 logits of the GPU placements against the same model on the CPU (in bf16 the two
+    differ by 7-9% on the tiny preset: rounding flips some tokens' expert choice)."""
     from hybrid.api import load_model
     from hybrid.offload.layout import Layout
 
     ids = torch.randint(0, 1280, (64,), generator=torch.Generator().manual_seed(0))
-    cpu = load_model(tiny, Layout.on("cpu")).logits(ids)
+    cpu = load_model(tiny, Layout.on("cpu"), dtype=torch.float32).logits(ids)
     cases = {"all dense on GPU": {}, "50% experts hot": {"hot_experts": {1: list(range(8)), 2: list(range(8))}},
              "streamed prefill": {"stream_threshold": 16}}
     out = []
     for name, kw in cases.items():
-        gpu = load_model(tiny, Layout.on("cuda:0", **kw)).logits(ids)
+        gpu = load_model(tiny, Layout.on("cuda:0", **kw), dtype=torch.float32).logits(ids)
         out.append((name, rel(gpu, cpu)))
     return out
 
@@ -116,14 +118,17 @@ def kimi_decode(weights, host_gbps: float, threads: int) -> list[dict]:
 
 def kimi_prefill(weights, host_gbps: float, pcie_gbps: float, cpu_tflops: float, threads: int,
                  sizes: tuple[int, ...]) -> list[dict]:
-    """Prefill of one Kimi layer: CPU experts vs streaming them to the GPU."""
+    """Prefill of one Kimi layer: CPU experts (floor: FLOPs at the CPU's GEMM peak, or the layer's
+    bytes at host bandwidth) against streaming every expert to the GPU (floor: the layer's bytes
+    over pinned PCIe)."""
     from hybrid.experts.choice import make_backend
     from hybrid.experts.options import ExpertOptions
     from hybrid.offload.hybrid_experts import HybridExperts
     from hybrid.offload.prefill_stream import ExpertStreamer
 
-    streamer = ExpertStreamer("cuda:0")
-    streamer.add(1, weights)
+    per_expert = weights.nbytes() // weights.num_experts
+    streamer = ExpertStreamer("cuda:0", 2 * STREAM_GROUP * per_expert)
+    streamer.add(1, weights, list(range(weights.num_experts)))
     cpu = make_backend(streamer.layers[1], 1, ExpertOptions(threads=threads))
     flops_per_pick = 3 * 2 * KIMI_HIDDEN * KIMI_INTER
     rows = []
@@ -135,8 +140,11 @@ def kimi_prefill(weights, host_gbps: float, pcie_gbps: float, cpu_tflops: float,
         for name, threshold in (("CPU experts", None), ("streamed to GPU", 1)):
             ex = HybridExperts(1, cpu, "cuda:0", streamer=streamer, stream_threshold=threshold)
             ms = time_layer(ex, hidden, ids, w, 2) * 1e3
-            floor = max(tokens * KIMI_TOP_K * flops_per_pick / (cpu_tflops * 1e12),
-                        min(weights.nbytes() / (pcie_gbps * 1e9), weights.nbytes() / (host_gbps * 1e9))) * 1e3
+            # the CPU computes at its GEMM peak and reads the layer once; streaming moves the layer
+            # over PCIe (the GPU's compute, ~1 ms at 4,096 tokens, hides under the copy)
+            floor = (max(tokens * KIMI_TOP_K * flops_per_pick / (cpu_tflops * 1e12),
+                         weights.nbytes() / (host_gbps * 1e9)) if threshold is None
+                     else weights.nbytes() / (pcie_gbps * 1e9)) * 1e3
             rows.append({"case": f"prefill {tokens} tokens, {name}", "ms": ms, "floor_ms": floor,
                          "tok_s": tokens / ms * 1e3})
     return rows
@@ -158,16 +166,19 @@ def main() -> None:
                   f"pinned H2D {pcie:.1f} GB/s")
     checks = correctness(preset_model("tiny"))
     checks.append(("KV split between GPU and host tiers (max abs logit diff)", split_kv(preset_model("tiny"))))
+    console.print(checks)
     weights = kimi_experts(KIMI_EXPERTS)
     rows = kimi_decode(weights, host, threads)
+    console.print(rows)
     sizes = (512, 4096) if args.quick else (512, 4096, 16384)
-    rows += kimi_prefill(weights, host, pcie, 1.0, threads, sizes)
+    peak = max(gemm_tflops().values())
+    rows += kimi_prefill(weights, host, pcie, peak, threads, sizes)
 
     table = Table(title="GPU checks")
     for col in ("case", "ms", "floor ms", "ratio to floor"):
         table.add_column(col, justify="right")
     for name, err in checks:
-        table.add_row(f"correctness: {name}", f"{err:.2e}", "", "ok" if err < (1e-4 if "split" in name else 5e-2)
+        table.add_row(f"correctness: {name}", f"{err:.2e}", "", "ok" if err < (1e-4 if "split" in name else 1e-3)
                       else "FAIL")
     for r in rows:
         table.add_row(r["case"], f"{r['ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['ms'] / r['floor_ms']:.2f}x")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import openai
 import hybrid  # noqa: F401  (first: it sets OpenMP's spin before torch loads, as the `hybrid` command does)
@@ -19,6 +20,10 @@ SCRIPTED = "kimi-scripted"  # the name `served` serves its model under
 HI = [{"role": "user", "content": "Hello! What is the weather in Paris?"}]  # a first turn, in either API's form
 
 torch.set_num_threads(2)
+
+# Where the dense modules of the offload and KV-tier tests run: the CPU plays the GPU's role unless
+# a machine with one sets HYBRID_TEST_DEVICE=cuda:0, and then the same tests check the GPU paths.
+DEVICE = os.environ.get("HYBRID_TEST_DEVICE", "cpu")
 
 # Architecture variants the parity tests cover: name -> write_checkpoint overrides.
 VARIANTS = {

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE
 from hybrid.api import load_model
 from hybrid.experts.options import ExpertOptions
 from hybrid.offload.layout import Layout
@@ -26,7 +27,7 @@ def ids():
 
 @pytest.fixture(scope="module")
 def plain(tiny_dir, ids):
-    model = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
+    model = load_model(tiny_dir, Layout.on(DEVICE, experts=TORCH), dtype=torch.float32)
     tokens, logits = model.generate(ids, 24, return_logits=True)
     return model, tokens, logits
 
@@ -40,7 +41,7 @@ def hot(cfg, share: float) -> dict[int, list[int]]:
 @pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
 def test_hot_experts_give_the_plain_tokens_and_logits(tiny_dir, ids, plain, share):
     model, tokens, logits = plain
-    layout = Layout.on("cpu", experts=TORCH, hot_experts=hot(model.config, share))
+    layout = Layout.on(DEVICE, experts=TORCH, hot_experts=hot(model.config, share))
     split = load_model(tiny_dir, layout, dtype=torch.float32)
     moe = split.decoder.model.layers[-1].mlp.experts
     assert (moe.hot is not None) == (share > 0)
@@ -59,17 +60,17 @@ def test_deferral_moves_the_lowest_weight_expert_to_the_next_layer(tiny_dir):
     ckpt = Checkpoint(tiny_dir)
     weights = ckpt.experts(1, torch.float32)
     carry = Deferred()
-    a = HybridExperts(1, TorchExperts(weights), "cpu", defer=1, carry_out=carry)
-    b = HybridExperts(2, TorchExperts(weights), "cpu", carry_in=carry)
+    a = HybridExperts(1, TorchExperts(weights), DEVICE, defer=1, carry_out=carry)
+    b = HybridExperts(2, TorchExperts(weights), DEVICE, carry_in=carry)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(5, 256, generator=g), torch.randn(5, 256, generator=g)
     ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(5)])
     w = torch.rand(5, 4, generator=g)
     ref = TorchExperts(weights).forward
-    a.submit(x, ids, w)
-    out_a = a.wait()
-    b.submit(y, ids, w)
-    out_b = b.wait()
+    a.submit(x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE))
+    out_a = a.wait().cpu()
+    b.submit(y.to(DEVICE), ids.to(DEVICE), w.to(DEVICE))
+    out_b = b.wait().cpu()
     lowest = w.argmin(1)
     kept = ids.clone()
     kept[torch.arange(5), lowest] = -1
@@ -85,7 +86,7 @@ class DeferredByHand:
         self.experts, self.carry, self.last = experts, carry, last
 
     def submit(self, x, ids, weights):
-        self.args = (x, ids, weights)
+        self.device, self.args = x.device, (x.cpu(), ids.cpu(), weights.cpu())
 
     def wait(self):
         x, ids, weights = self.args
@@ -103,7 +104,7 @@ class DeferredByHand:
             out += self.carry.pop()
         if not self.last:
             self.carry.append(later)
-        return out
+        return out.to(self.device)
 
 
 def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain):
@@ -112,12 +113,12 @@ def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain
     from hybrid.experts.torch_backend import TorchExperts
     from hybrid.model.checkpoint import Checkpoint
 
-    deferred = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, defer=1), dtype=torch.float32)
+    deferred = load_model(tiny_dir, Layout.on(DEVICE, experts=TORCH, defer=1), dtype=torch.float32)
     first, last = (deferred.decoder.model.layers[i].mlp.experts for i in deferred.config.moe_layers)
     assert (first.defer, first.carry_in, last.defer, last.carry_out) == (1, None, 0, None)
     assert first.carry_out is last.carry_in is not None
 
-    by_hand = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
+    by_hand = load_model(tiny_dir, Layout.on(DEVICE, experts=TORCH), dtype=torch.float32)
     ckpt, carry = Checkpoint(tiny_dir), []
     for i in by_hand.config.moe_layers:
         by_hand.decoder.model.layers[i].mlp.experts = DeferredByHand(
@@ -130,7 +131,7 @@ def test_deferral_gives_the_logits_of_deferral_done_by_hand(tiny_dir, ids, plain
 
 def test_streamed_prefill_equals_cpu_prefill(tiny_dir, ids, plain):
     model, tokens, logits = plain
-    streamed = load_model(tiny_dir, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
+    streamed = load_model(tiny_dir, Layout.on(DEVICE, experts=TORCH, stream_threshold=16), dtype=torch.float32)
     moe = streamed.decoder.model.layers[1].mlp.experts
     assert moe.streaming(48) and not moe.streaming(1)
     assert rel(streamed.logits(ids), model.logits(ids)) <= 1e-5
@@ -145,8 +146,8 @@ def test_streamed_prefill_reuses_its_staging_slots_over_three_moe_layers(models_
 
     folder = write_checkpoint(models_dir / "tiny_4_layers", seed=3, num_hidden_layers=4)
     ids = torch.randint(0, 1280, (40,), generator=torch.Generator().manual_seed(9))
-    plain = load_model(folder, Layout.on("cpu", experts=TORCH), dtype=torch.float32)
-    streamed = load_model(folder, Layout.on("cpu", experts=TORCH, stream_threshold=16), dtype=torch.float32)
+    plain = load_model(folder, Layout.on(DEVICE, experts=TORCH), dtype=torch.float32)
+    streamed = load_model(folder, Layout.on(DEVICE, experts=TORCH, stream_threshold=16), dtype=torch.float32)
     moes = [streamed.decoder.model.layers[i].mlp.experts for i in streamed.config.moe_layers]
     assert len(moes) == 3 and all(m.streaming(40) for m in moes) and len({id(m.streamer) for m in moes}) == 1
     assert rel(streamed.logits(ids), plain.logits(ids)) <= 1e-5
@@ -160,8 +161,8 @@ def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
     the same logits, and the staging slots hold exactly the two experts the buffer was given."""
     model, _, _ = plain
     per_expert = model.moe_experts()[0].cpu.weights.nbytes() // model.config.n_routed_experts
-    layout = Layout.on("cpu", experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
-                             stream_buffer={"cpu": 2 * per_expert + per_expert // 2})
+    layout = Layout.on(DEVICE, experts=TORCH, stream_threshold=16, hot_experts=hot(model.config, 0.25),
+                             stream_buffer={DEVICE: 2 * per_expert + per_expert // 2})
     streamed = load_model(tiny_dir, layout, dtype=torch.float32)
     streamer = streamed.moe_experts()[0].streamer
     assert streamer.nbytes() == 0  # nothing staged before a prompt streams
@@ -173,7 +174,7 @@ def test_streaming_stages_its_buffer_not_a_layer(tiny_dir, ids, plain):
 
 def test_stats_count_every_routed_slot(tiny_dir, ids, tmp_path):
     stats = ActivationStats(16)
-    model = load_model(tiny_dir, Layout.on("cpu", experts=TORCH), dtype=torch.float32, stats=stats)
+    model = load_model(tiny_dir, Layout.on(DEVICE, experts=TORCH), dtype=torch.float32, stats=stats)
     model.logits(ids)
     data = stats.to_json()["layers"]
     k = model.config.num_experts_per_tok
@@ -196,9 +197,9 @@ def test_kt_backend_end_to_end_agrees_with_torch(tiny_dir):
     if cpu.kt().reason is not None:
         pytest.skip(f"kt-kernel cannot run here: {cpu.kt().reason}")
     ids = torch.randint(0, 1280, (256,), generator=torch.Generator().manual_seed(7))
-    kt = load_model(tiny_dir, Layout.on("cpu", experts=ExpertOptions(backend="kt")))
+    kt = load_model(tiny_dir, Layout.on(DEVICE, experts=ExpertOptions(backend="kt")))
     assert kt.decoder.model.layers[1].mlp.experts.cpu.name == "kt"
-    plain = load_model(tiny_dir, Layout.on("cpu", experts=TORCH))
+    plain = load_model(tiny_dir, Layout.on(DEVICE, experts=TORCH))
     ckpt = Checkpoint(tiny_dir)
     for i in plain.config.moe_layers:
         plain.decoder.model.layers[i].mlp.experts.cpu = TorchExperts(ckpt.experts(i, torch.bfloat16), torch.bfloat16)
