@@ -268,7 +268,7 @@ def test_preemption_takes_the_most_recently_admitted_sequence():
 
 def test_a_failing_step_ends_the_requests_in_flight_with_an_error_and_the_thread_serves_on(model, monkeypatch):
     engine = Engine(model)
-    thread = EngineThread(engine).start()
+    thread = EngineThread(lambda: engine).start()
     run = engine.runner.run
     failures = iter([RuntimeError("out of memory")])
 
@@ -293,8 +293,30 @@ def test_a_failing_step_ends_the_requests_in_flight_with_an_error_and_the_thread
     assert emptied(engine)
 
 
+def test_the_engine_thread_builds_its_engine_and_hands_a_failure_to_start(model):
+    """The model's parallel ops all run on the engine thread, loading and warm-up included; what
+    building raises, start() raises."""
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return Engine(model)
+
+    thread = EngineThread(build).start()
+    assert built_on == ["engine"] and thread.engine is not None
+    thread.stop()
+
+    def broken():
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        EngineThread(broken).start()
+
+
 def test_engine_thread_serves_asyncio_and_aborts_a_consumer_that_leaves(model):
-    thread = EngineThread(Engine(model)).start()
+    thread = EngineThread(lambda: Engine(model)).start()
 
     async def main():
         full = [o.token_ids async for o in thread.generate(list(range(20)), GREEDY)]

@@ -45,11 +45,15 @@ class Serving:
         follows the loading. The model runs a warm-up before the engine starts (`warm_up`)."""
         folder = Path(folder)
         tokenizer = Tokenizer.from_pretrained(folder)
-        model = load_model(folder, profile, dtype=dtype, progress=progress)
-        model.warm_up()
-        engine = Engine(model, tokenizer, config)
+
+        def build() -> Engine:  # on the engine thread (engine_thread.py says why)
+            model = load_model(folder, profile, dtype=dtype, progress=progress)
+            model.warm_up()
+            return Engine(model, tokenizer, config)
+
+        thread = EngineThread(build).start()
         name = model_name or folder.name
-        return cls(EngineThread(engine).start(), tokenizer, name, Metrics(engine), summary(engine, name))
+        return cls(thread, tokenizer, name, Metrics(thread.engine), summary(thread.engine, name))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
