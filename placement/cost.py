@@ -9,6 +9,7 @@ computes the previous layer. docs/placement.md gives every formula and default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from placement.hardware import Hardware, gpu_figures
@@ -22,12 +23,17 @@ CPU_DECODE_EFFICIENCY = 0.74  # full Kimi layer at T = 1, 15 threads: 63 GB/s of
 TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read bandwidth
 # The INT4 dot kernel (hybrid/native/int4_moe.cpp): at T = 1 a core streams ~20 GB/s of INT4 on
 # its own (one core cannot draw more of the memory), so few cores are bound by themselves, many by
-# the memory. Prefill: its integer dot products on many tokens. Measured on Zen 4 (AVX-512 VNNI),
-# 2 threads, in `mini`'s decode step (170 MB of chosen experts in 4.8-4.9 ms) and 2,048-token
-# prefill (1.24 TFLOP in 3.3-3.8 s).
+# the memory, whose bandwidth it reaches (a Kimi layer at T = 1: 109 of 110 GB/s on a 16-core AMX
+# Xeon, 0.94-1.06 of it on 2 Zen 4 cores). Prefill: its integer dot products on many tokens, per
+# thread by the CPU class: measured on Zen 4 (AVX-512 VNNI, 2 threads: `mini`'s 2,048-token
+# prefill, 1.24 TFLOP in 3.3-3.8 s) and on the 16-core AMX Xeon (a Kimi layer at T = 512: 0.78
+# TFLOP/s, where one thread alone reached 0.14); AVX2 assumed at half of Zen 4 (`vpmaddubsw` does
+# half of `vpdpbusd`'s work per instruction). Rows are cut into super-blocks of LANES blocks of 32
+# (`dot_lane_share`).
 DOT_DECODE_GBPS_PER_THREAD = 17.0
-DOT_HOST_SHARE = 0.8  # assumed: the share of host read bandwidth it reaches once memory-bound
-DOT_PREFILL_TFLOPS_PER_THREAD = 0.16
+DOT_HOST_SHARE = 0.95
+DOT_PREFILL_TFLOPS_PER_THREAD = {"amx": 0.049, "avx512_bf16": 0.16, "avx2": 0.08}
+DOT_LANES = {"amx": 16, "avx512_bf16": 16, "avx2": 8}
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
 # (hybrid/model/dense_kernel.py): on Zen 4 the compiled GEMV; on AVX2 the planner assumes torch's
 # matmul (not measured there against the compiled GEMV, which the runtime times at load as well).
@@ -45,6 +51,13 @@ DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
 # cache does not pay: measured as the time FP8 adds over bf16 in the same run, 2.4-3.0 G values/s a thread.
 CPU_ATTENTION_EFFICIENCY = 0.27
 FP8_DECODE_GVALUES_PER_THREAD = 2.5
+# Prefill attention on the CPU (hybrid/model/attention.py `_expanded`) computes its query x key
+# products in fp32 (bf16 scores would move each probability by ~0.4%), at torch's fp32 GEMM rate
+# (measured per core: Zen 4 0.10, the AMX Xeon 1.8 / 16; AVX2 0.04), and moves about this many bytes
+# per score through memory: written, scaled, masked, softmaxed, copied to bf16 and read by the
+# second product (4 + 8 + 8 + 12 + 6 + 2).
+FP32_TFLOPS_PER_THREAD = {"amx": 1.8 / 16, "avx512_bf16": 0.10, "avx2": 0.04}
+CPU_SCORE_BYTES = 40
 # per module on the CPU: its small ops, the compiler's guards and thread wake-ups (measured on Zen 4:
 # the default model's decode step, all of it such time, 2.3 ms over 12 modules; mini's attention
 # 0.5 ms a layer over its bytes, its router 0.08, its MLPs about none)
@@ -77,15 +90,18 @@ class Figures:
     torch_tflops: float  # dense modules placed on the CPU
     dense_gbps: float = 0.0  # what dense modules on the CPU read per second for one token
     fp8_decode_gvalues: float = 0.0  # FP8 latents the CPU decodes per second (G values), attending to them
+    fp32_tflops: float = 0.0  # torch's fp32 GEMM on the CPU: prefill attention's scores
+    dot_lanes: int = 0  # blocks of 32 per super-block of the INT4 dot kernel, where it runs the experts
 
 
 def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
     m, cpu = hw.measured, hw.cpu
     table = [gpu_figures(g.name) for g in hw.gpus]
     host = m.host_gbps or min(cpu.cores * HOST_GBPS_PER_THREAD, cpu.numa_nodes * HOST_GBPS_PER_NUMA_NODE)
+    isa = next((i for i in ("amx", "avx512_bf16") if cpu.has(i)), "avx2")
     if backend == "dot":
         decode = min(host * DOT_HOST_SHARE, threads * DOT_DECODE_GBPS_PER_THREAD)
-        rate = DOT_PREFILL_TFLOPS_PER_THREAD
+        rate = DOT_PREFILL_TFLOPS_PER_THREAD[isa]
     elif backend == "kt":
         per_thread = m.cpu_decode_gbps_per_thread or KT_DECODE_GBPS_PER_THREAD
         decode = min(host, threads * per_thread) * CPU_DECODE_EFFICIENCY
@@ -93,7 +109,6 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
             else NO_AMX_TFLOPS_PER_THREAD
     else:
         decode, rate = host * TORCH_EFFICIENCY, NO_AMX_TFLOPS_PER_THREAD
-    isa = next((i for i in ("amx", "avx512_bf16") if cpu.has(i)), "avx2")
     dense_kernel = "torch" if isa == "avx2" else "compiled"
     return Figures(
         gpu_gbps=tuple(m.gpu_gbps or t[1] * GPU_BW_EFFICIENCY for t in table),
@@ -103,6 +118,7 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
         cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads,
         torch_tflops=DENSE_TFLOPS_PER_THREAD[isa] * cpu.cores, dense_gbps=host * DENSE_EFFICIENCY[dense_kernel],
         fp8_decode_gvalues=FP8_DECODE_GVALUES_PER_THREAD * cpu.cores,
+        fp32_tflops=FP32_TFLOPS_PER_THREAD[isa] * cpu.cores, dot_lanes=DOT_LANES[isa] if backend == "dot" else 0,
     )
 
 
@@ -161,10 +177,33 @@ def _experts(spec: ModelSpec, gpu_ids: list[int], freq: list[float] | None, toke
     return gpu, cpu, share
 
 
+def dot_lane_share(spec: ModelSpec, lanes: int) -> float:
+    """The share of the INT4 dot kernel's lanes an expert's rows fill: a row is cut into super-blocks
+    of `lanes` blocks of 32 values, and a row shorter than a whole number of them leaves lanes idle
+    (gate and up rows hold hidden_size values, down rows moe_intermediate_size; weighted 2:1 by
+    their FLOPs). 1 at Kimi's sizes; 0.375 at the default model's 256 and 128 on AVX-512."""
+    def share(k: int) -> float:
+        return k / (math.ceil(k / (32 * lanes)) * 32 * lanes)
+    a = spec.arch
+    return 3 / (2 / share(a.hidden_size) + 1 / share(a.moe_intermediate_size))
+
+
 def _cpu_experts(b: Breakdown, spec: ModelSpec, method: str, distinct: float, picks: float, gbps: float) -> float:
     read = b.add("CPU expert bytes / host bandwidth", distinct * spec.expert_host_bytes(method) / (gbps * 1e9))
-    compute = picks * spec.expert_flops / (b.fig.cpu_prefill_tflops * 1e12)
-    return max(read, b.add("CPU expert FLOPs / CPU peak", compute))
+    rate = b.fig.cpu_prefill_tflops * (dot_lane_share(spec, b.fig.dot_lanes) if b.fig.dot_lanes else 1.0)
+    return max(read, b.add("CPU expert FLOPs / CPU peak", picks * spec.expert_flops / (rate * 1e12)))
+
+
+def _cpu_prefill_scores(b: Breakdown, spec: ModelSpec, start: int, tokens: int) -> float:
+    """What one layer's prefill attention on the CPU adds over its GEMM-rate FLOPs, for `tokens`
+    queries after `start` earlier tokens: the query x key products in fp32 and the traffic of the
+    scores (FP32_TFLOPS_PER_THREAD, CPU_SCORE_BYTES). Each block of queries reads the keys up to its
+    last, taken here as every query reading start + tokens keys (exact for one block)."""
+    a = spec.arch
+    scores = a.num_attention_heads * tokens * (start + tokens)
+    qk = 2 * scores * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+    fp32 = b.add("CPU prefill scores: fp32 FLOPs / fp32 GEMM rate", qk / (b.fig.fp32_tflops * 1e12))
+    return fp32 + b.add("CPU prefill scores: bytes / host bandwidth", scores * CPU_SCORE_BYTES / (b.fig.host_gbps * 1e9))
 
 
 def tiers(p, context: int) -> tuple[int, int]:
@@ -260,6 +299,8 @@ def prefill(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | No
         layer_s = 0.0
         for start, t in chunks:
             att = b.module(dev, spec.bytes["attention"], t * spec.attention_flops(start + t // 2, absorbed=False))
+            if dev == "cpu":
+                att += _cpu_prefill_scores(b, spec, start, t)
             if not moe:
                 dense = p.device_of("dense", layer)
                 layer_s += att + b.module(dense, spec.bytes["dense"], t * 2 * spec.params["dense"])

@@ -137,6 +137,31 @@ def test_a_cpu_only_plan_charges_its_whole_context_at_the_cpus_attention_rate():
     assert "PCIe transfers" not in terms
 
 
+def test_cpu_prefill_charges_fp32_scores_and_the_dot_kernels_idle_lanes():
+    """A CPU-only prefill of one 512-token chunk, by hand: the attention scores' fp32 products and
+    their bytes per layer, and the routed experts' FLOPs at the dot kernel's rate times the share of
+    its 16 lanes that rows of 256 and 128 values fill (1/2 and 1/4: 3 / (2 * 2 + 4) = 0.375); Kimi's
+    rows fill every lane. A GPU's attention pays no such term."""
+    p = plan(TINY, describe([], "64GB", cores=2, numa=1, isa="avx512_bf16"))
+    fig = cost.figures(p.hardware, p.cpu.backend, p.cpu.method, p.cpu.threads)
+    a, t = TINY.arch, 512
+    assert p.cpu.backend == "dot" and fig.dot_lanes == 16
+    assert cost.dot_lane_share(TINY, 16) == pytest.approx(0.375)
+    assert cost.dot_lane_share(KIMI, 16) == cost.dot_lane_share(KIMI, 8) == 1.0
+    terms = cost.prefill(p, TINY, fig, prompt=t)[1]
+    scores = a.num_hidden_layers * a.num_attention_heads * t * t
+    assert terms["CPU prefill scores: fp32 FLOPs / fp32 GEMM rate"] == pytest.approx(
+        2 * scores * (a.qk_nope_head_dim + a.qk_rope_head_dim) / fig.fp32_tflops / 1e9, rel=1e-3)
+    assert terms["CPU prefill scores: bytes / host bandwidth"] == pytest.approx(
+        scores * cost.CPU_SCORE_BYTES / fig.host_gbps / 1e6, rel=1e-3)
+    picks = len(a.moe_layers) * t * a.num_experts_per_tok
+    assert terms["CPU expert FLOPs / CPU peak"] == pytest.approx(
+        picks * TINY.expert_flops / (fig.cpu_prefill_tflops * 0.375) / 1e9, rel=1e-3)
+    gpu = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
+    gpu_fig = cost.figures(gpu.hardware, gpu.cpu.backend, gpu.cpu.method, gpu.cpu.threads)
+    assert not any(k.startswith("CPU prefill scores") for k in cost.prefill(gpu, KIMI, gpu_fig)[1])
+
+
 def test_no_gpu_gives_a_cpu_only_plan():
     p = plan(KIMI, describe([], "1TB", **XEON))
     assert {p.device_of(g, layer) for g in ("attention", "router", "shared") for layer in range(1, 61)} == {"cpu"}
