@@ -37,6 +37,7 @@ PREFIX_TOKENS = 2000
 TARGET = 0.15
 SERVER_LOSS = 0.10  # the most of the model's own decode rate the server may lose
 ROUNDS = 5  # single-stream replies, each between two of the model's own
+PROMPT_TOKENS = 48  # about the chat prompt of a single-stream request
 
 
 @dataclass
@@ -135,8 +136,8 @@ async def measure(url: str, model: str, tokenizer: Tokenizer, own: OwnDecode, de
 
 class OwnDecode:
     """The model's own single-stream greedy decode, in a child process that keeps it loaded: one
-    reply of `TOKENS` tokens, prefill excluded (a reply of TOKENS + 1 tokens less one of 1), on a
-    prompt of the length the server's has, each time `tok_s` is called."""
+    reply of `TOKENS` tokens after a prompt of the length the server's has, prefill excluded
+    (`hybrid.measure.measure`), each time `tok_s` is called."""
 
     TOKENS = 64
 
@@ -158,17 +159,13 @@ class OwnDecode:
     @classmethod
     def child(cls, folder: Path) -> None:
         from hybrid.api import load_model
+        from hybrid.measure import measure
 
         model = load_model(folder)
         model.warm_up()
-        prompt = list(range(1000, 1048))
         print("ready", flush=True)
         for _ in sys.stdin:
-            start = time.perf_counter()
-            model.generate(prompt, 1)
-            first = time.perf_counter()
-            model.generate(prompt, cls.TOKENS + 1)
-            print(cls.TOKENS / (time.perf_counter() - first - (first - start)), flush=True)
+            print(measure(model, PROMPT_TOKENS, cls.TOKENS).decode_tok_s, flush=True)
 
 
 def free_port() -> int:

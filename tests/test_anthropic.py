@@ -314,16 +314,6 @@ def test_max_tokens_beyond_the_context_is_clamped_not_refused(server, serving, m
     assert seq.max_tokens == engine.max_model_len - seq.num_prompt_tokens
 
 
-def test_openai_endpoint_preserves_thinking_only_when_asked(server, serving, engine):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-    history = HI + [{"role": "assistant", "content": "Sunny.", "reasoning_content": "Let me think."},
-                    {"role": "user", "content": "And tomorrow?"}]
-    for preserve in (False, True):
-        client.chat.completions.create(model="tiny", messages=history, max_tokens=2,
-                                       extra_body={"thinking": {"type": "enabled", "preserve": preserve}})
-        assert ("Let me think." in serving.tokenizer.decode(engine.prompts[-1])) == preserve
-
-
 def test_stop_sequence(client, serving, engine):
     engine.script(token_ids(serving.tokenizer, "Hello world. STOP here.", IM_END))
     m = client.messages.create(model="m", max_tokens=32, messages=HI, stop_sequences=["NEVER", "STOP"])

@@ -78,6 +78,15 @@ def test_chat_plain_and_streamed_agree_with_the_tokenizer_counts(client, serving
     assert full.usage.completion_tokens == 16 or full.choices[0].finish_reason == "stop"
 
 
+def test_openai_endpoint_preserves_thinking_only_when_asked(client, serving, engine):
+    history = HI + [{"role": "assistant", "content": "Sunny.", "reasoning_content": "Let me think."},
+                    {"role": "user", "content": "And tomorrow?"}]
+    for preserve in (False, True):
+        client.chat.completions.create(model="tiny", messages=history, max_tokens=2,
+                                       extra_body={"thinking": {"type": "enabled", "preserve": preserve}})
+        assert ("Let me think." in serving.tokenizer.decode(engine.prompts[-1])) == preserve
+
+
 def test_usage_counts_the_scripted_reply_and_its_reasoning(client, serving, engine):
     tok = serving.tokenizer
     reply = token_ids(tok, "Let me think.", THINK_END, "Sunny.", IM_END)
