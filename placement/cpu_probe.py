@@ -36,6 +36,12 @@ def has(*names: str) -> bool:
     return all(n in flags() or n.replace("_", "") in flags() for n in names)
 
 
+def bf16_math() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): elsewhere oneDNN emulates
+    it, and bf16 GEMMs run far slower than fp32's."""
+    return has("avx512_bf16") or has("amx_bf16")
+
+
 def usable_cpus() -> list[int]:
     """Logical CPUs this process may run on."""
     return sorted(os.sched_getaffinity(0))

@@ -141,3 +141,46 @@ def test_the_model_on_each_instruction_sets_code_tracks_float32(isa, tiny_dir, m
     agree = lambda a: float((a.argmax(-1) == exact.argmax(-1)).float().mean())  # noqa: E731
     assert rel_err(fast, exact) <= 1.25 * rel_err(bf16, exact)
     assert agree(fast) >= agree(bf16) - 0.1
+
+
+def prompt_routes(tokens: int = 200, seed: int = 0):
+    """Experts 0-7 chosen ~100 times each (a prompt's), experts 8-15 three times each, one slot -1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(tokens)])
+    ids[:24, 3] = 8 + torch.arange(24) % 8
+    ids[5, 1] = -1
+    return torch.randn(tokens, H, generator=g), ids, torch.rand(tokens, 4, generator=g)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_a_prompts_experts_run_as_bf16_gemms_nearer_the_reference(group):
+    """Experts with GEMM_MIN_TOKENS pairs or more in a call run as bf16 GEMMs on weights dequantized
+    from the kernel's layout, the rest on the dot products, in the same call: the sum is nearer the
+    fp32 reference than int8 activations get, and only the many-token experts took the GEMMs."""
+    runnable("avx512_vnni")
+    w, dense = weights(group)
+    gemms, dots = DotExperts(w, "avx512_vnni", gemms=True), DotExperts(w, "avx512_vnni", gemms=False)
+    ran = []
+    mlp = gemms.mlp
+    gemms.mlp = lambda e, x: ran.append(e) or mlp(e, x)
+    x, ids, gate = prompt_routes()
+    ref = reference(dense, x.bfloat16(), ids, gate)
+    out = gemms.forward(x.bfloat16(), ids, gate)
+    assert sorted(ran) == list(range(8))
+    assert rel_err(out, ref) <= 1e-2 and rel_err(out, ref) < rel_err(dots.forward(x.bfloat16(), ids, gate), ref)
+
+
+def test_the_gemms_read_each_weight_where_the_layout_put_it():
+    """Each of gate, up and down dequantized from the reordered bytes, times the identity: exactly the
+    stored values times their scales, rounded to bf16, columns in `layout_order`, gate's and up's rows
+    in the order of down's columns."""
+    runnable("avx512_vnni")
+    w, dense = weights(64)
+    backend = DotExperts(w, "avx512_vnni", gemms=True)
+    hidden, inter = backend.order
+    assert sorted(hidden.tolist()) == list(range(H)) and sorted(inter.tolist()) == list(range(I))
+    e = E - 1
+    for i, (matrix, rows, cols) in enumerate(zip(dense, (inter, inter, None), (hidden, hidden, inter))):
+        got = backend._product(i, e, torch.eye(matrix.shape[-1], dtype=torch.bfloat16))
+        want = matrix[e][:, cols] if rows is None else matrix[e][rows][:, cols]
+        assert torch.equal(got, want.bfloat16()), i

@@ -124,3 +124,19 @@ def test_warm_up_builds_the_decode_kernels_and_leaves_no_trace(tiny_dir):
     layers = model.config.num_hidden_layers
     assert spy.call_count == (2 * layers if compiled.available() else 0)
     assert model.generate(ids, 6) == before
+
+
+def test_prefill_scores_are_fp32_products_of_the_bf16_values():
+    """The CPU prefill's query-key products run on the CPU's bf16 instructions where it has them
+    (`bf16_products`): for bf16 values they are fp32's to fp32's rounding, where bf16 scores would be
+    off by ~0.4%; the setting is put back after."""
+    from hybrid.model.attention import bf16_products
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(4, 64, 192, generator=g).bfloat16().float() for _ in range(2))
+    want = torch.bmm(q.double(), k.double().transpose(1, 2))
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with bf16_products():
+        got = torch.bmm(q, k.transpose(1, 2))
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert rel(got, want) <= 1e-6

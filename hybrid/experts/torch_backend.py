@@ -56,25 +56,22 @@ class TorchExperts:
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """Group the (token, slot) pairs by expert, run each touched expert once on its tokens.
-        Slots whose id is -1 belong to another backend and are skipped."""
+        """Group the (token, slot) pairs by expert, run each touched expert once on its tokens and add
+        its weighted outputs into theirs, in fp32; one expert's inputs and outputs at a time, so they
+        stay in the caches. Slots whose id is -1 belong to another backend and are skipped."""
         x = hidden.to(self.dtype)
         k = topk_ids.shape[1]
-        flat = topk_ids.reshape(-1)
-        ids, order = flat.sort(stable=True)
+        ids, order = topk_ids.reshape(-1).sort(stable=True)
         experts, counts = (t.tolist() for t in torch.unique_consecutive(ids, return_counts=True))
-        if experts and experts[0] < 0:  # -1 slots sort first: drop them
-            order, experts, counts = order[counts[0]:], experts[1:], counts[1:]
-        token_of = order // k
-        xs = x[token_of]  # the pairs' tokens, grouped by expert
-        ys, start = [], 0
+        weights = topk_weights.reshape(-1).to(torch.float32)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        start = 0
         for e, n in zip(experts, counts):
-            ys.append(self.mlp(e, xs[start:start + n]))
+            pairs = order[start:start + n]
             start += n
-        out = torch.zeros_like(x)
-        if ys:
-            w = topk_weights.reshape(-1)[order].to(self.dtype).unsqueeze(1)
-            out.index_add_(0, token_of, torch.cat(ys) * w)
+            if e >= 0:  # -1 slots sort first
+                tokens = pairs // k
+                out.index_add_(0, tokens, self.mlp(e, x[tokens]).float() * weights[pairs, None])
         return out.to(hidden.dtype)
 
     def mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "hybri
 SIGNATURES = (
     ("hybrid_int4_moe", [ctypes.c_int] * 7 + [ctypes.c_void_p] * 10),
     ("hybrid_int4_repack", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]),
+    ("hybrid_int4_dequantize", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4),
 )
 
 

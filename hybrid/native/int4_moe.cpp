@@ -16,6 +16,9 @@
 // read once per call whatever the number of tokens that use it. Work is split over torch's own
 // OpenMP threads (this library resolves libgomp to the copy torch loaded), so nothing is handed
 // to another pool.
+//
+// A prompt's experts are compute-bound instead; `hybrid_int4_dequantize` turns tiles of the same
+// reordered weights into bf16 for GEMMs on the CPU's bf16 instructions (dot_backend.py).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -243,6 +246,44 @@ Dots pick(int isa, int G) { return isa == 2 ? by_group<Avx512>(G) : isa == 1 ? b
 
 int lanes_of(int isa) { return isa == 2 ? Avx512::LANES : Avx2::LANES; }
 
+// Rows of INT4 values in the AVX-512 layout as bf16, for GEMMs: (value - 8) * scale, each exact in
+// fp32 and rounded to nearest even. The columns come in the layout's order, not the checkpoint's:
+// column c < K / 2 is the low nibble of the row's reordered byte c, column K / 2 + c its high nibble.
+// A product needs only its input in the same order (`layout_order` in dot_backend.py).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dequantize_row(const uint8_t* row, const uint16_t* sc,
+                                                                          int K, int G, uint16_t* out) {
+  const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi32(8), half_ulp = _mm512_set1_epi32(0x7FFF),
+                one = _mm512_set1_epi32(1);
+  alignas(64) int32_t v[16], four[16];
+  for (int l = 0; l < 16; ++l) v[l] = l * 32 / G, four[l] = l / 4;
+  const __m512i group = _mm512_load_si512(v), quad = _mm512_load_si512(four);
+  const int blocks = K / 32, groups = K / G;
+  alignas(64) uint8_t nibs[2][64];
+  for (int sb = 0; sb * 16 < blocks; ++sb) {
+    const int left = std::min(16, blocks - 16 * sb), g0 = sb * 512 / G, ng = std::min(16, groups - g0);
+    const __m512 ws = _mm512_permutexvar_ps(group, _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(__mmask16((1u << ng) - 1), sc + g0)), 16)));
+    for (int j = 0; j < 4; ++j) {
+      const size_t c = size_t(sb) * 256 + j * 4 * left;
+      const int n = 4 * left;  // bytes in this chunk: lane l's four are bytes 4l..4l+3
+      const __m512i b = _mm512_maskz_loadu_epi8(n == 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1, row + c);
+      _mm512_store_si512(nibs[0], _mm512_and_si512(b, nib));
+      _mm512_store_si512(nibs[1], _mm512_and_si512(_mm512_srli_epi16(b, 4), nib));
+      for (int q = 0; q * 16 < n; ++q) {  // 16 bytes, lanes 4q..4q+3
+        const __m512 s = _mm512_permutexvar_ps(_mm512_add_epi32(quad, _mm512_set1_epi32(4 * q)), ws);
+        const __mmask16 keep = __mmask16((1u << std::min(16, n - 16 * q)) - 1);
+        for (int h = 0; h < 2; ++h) {
+          const __m512i raw = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(nibs[h] + 16 * q)));
+          __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(raw, eight)), s));
+          u = _mm512_add_epi32(u, _mm512_add_epi32(half_ulp, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+          _mm256_mask_storeu_epi16(out + h * (K / 2) + c + 16 * q, keep,
+                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -354,6 +395,20 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
         float* dst = out + size_t(t) * H;
         for (int c = 0; c < H; ++c) dst[c] += src[c];
       }
+  }
+  return 0;
+}
+
+// `rows` rows of the AVX-512 layout (isa 2) as bf16 [rows, K] in the layout's column order
+// (dequantize_row); row r of out is row from[r] of w (from: null for the identity). Returns -1 for
+// another instruction set's layout.
+int hybrid_int4_dequantize(int isa, int64_t rows, int K, int G, const uint8_t* w, const uint16_t* s,
+                           const int64_t* from, uint16_t* out) {
+  if (isa != 2) return -1;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t src = from ? from[r] : r;
+    dequantize_row(w + src * (K / 2), s + src * (K / G), K, G, out + r * K);
   }
   return 0;
 }
