@@ -152,8 +152,11 @@ def test_int4_parity(name, int4, monkeypatch):
 
 @KT
 @pytest.mark.skipif(dot_backend.why_not() is not None, reason=f"the INT4 dot kernel cannot run here: {dot_backend.why_not()}")
-def test_make_backend_picks_the_dot_kernel_or_kt_and_refuses_what_they_cannot_run(int4, caplog):
+def test_make_backend_picks_the_dot_kernel_or_kt_and_refuses_what_they_cannot_run(int4, caplog, monkeypatch):
+    from hybrid.experts import choice
     from hybrid.experts.kt.backend import KTExperts
+
+    monkeypatch.setattr(choice, "_warned", set())  # the fallback's warning, even where another test gave it
 
     assert isinstance(make_backend(int4[0], 1), DotExperts)
     assert isinstance(make_backend(int4[0], 1, ExpertOptions(backend="kt")), KTExperts)

@@ -127,16 +127,16 @@ def test_warm_up_builds_the_decode_kernels_and_leaves_no_trace(tiny_dir):
 
 
 def test_prefill_scores_are_fp32_products_of_the_bf16_values():
-    """The CPU prefill's query-key products run on the CPU's bf16 instructions where it has them
-    (`bf16_products`): for bf16 values they are fp32's to fp32's rounding, where bf16 scores would be
-    off by ~0.4%; the setting is put back after."""
-    from hybrid.model.attention import bf16_products
+    """A block of the CPU prefill's scores, on the bf16 scores kernel where this CPU has bf16
+    instructions (`bf16_math`) and on torch's fp32 GEMM for fp32 values: for bf16 values both are
+    the float64 products to fp32's rounding, where bf16 scores would be off by ~0.4%. Ragged sizes
+    (blocks of 8 queries, 32 keys) and a block that starts inside the queries."""
+    from hybrid.model.attention import block_scores
 
     g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(4, 64, 192, generator=g).bfloat16().float() for _ in range(2))
-    want = torch.bmm(q.double(), k.double().transpose(1, 2))
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    with bf16_products():
-        got = torch.bmm(q, k.transpose(1, 2))
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
-    assert rel(got, want) <= 1e-6
+    q, k = (torch.randn(3, 45, 192, generator=g).bfloat16() for _ in range(2))
+    for s, e, keys in ((0, 45, 45), (13, 30, 37), (40, 41, 1)):
+        want = 0.07 * q[:, s:e].double() @ k[:, :keys].double().transpose(1, 2)
+        for dtype in (torch.bfloat16, torch.float32):
+            got = block_scores(q.to(dtype), k.to(dtype), 0.07)(s, e, keys)
+            assert got.dtype == torch.float32 and rel(got, want) <= 1e-6, (s, e, keys, dtype)

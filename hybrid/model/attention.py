@@ -18,7 +18,7 @@ copied at every step.
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from hybrid.model.dense_kernel import CompiledLinear
 from hybrid.model.kv_cache import KVCache
 from hybrid.model.norm import RMSNorm
 from hybrid.model.rope import Rope, apply_rope
+from hybrid.native import build
 from placement.cpu_probe import bf16_math
 from placement.model_config import ModelConfig
 
@@ -152,8 +153,9 @@ class MLA(nn.Module):
 
     def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Per-head keys and values from the latents, then attention: torch's fused kernel on a
-        GPU; on the CPU, blocks of queries through two GEMMs each, scores in fp32 (torch's CPU kernel
-        falls back to unfused math for MLA's unequal key and value widths, 3x slower)."""
+        GPU; on the CPU, blocks of queries, each one's scores in fp32 (`block_scores`), masked where
+        the mask has holes, and its softmax times the values in one GEMM (torch's CPU kernel falls
+        back to unfused math for MLA's unequal key and value widths, 3x slower)."""
         ctx, h = latent.shape[0], self.n_heads
         k_nope = F.linear(latent, self.w_uk.view(h * self.nope, self.rank)).view(ctx, h, self.nope)
         v = F.linear(latent, self.w_uv.view(h * self.v_dim, self.rank)).view(ctx, h, self.v_dim).transpose(0, 1)
@@ -163,20 +165,16 @@ class MLA(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
         out = torch.empty(q.shape[1], h, self.v_dim, dtype=q.dtype, device=q.device)
         block = max(16, SCORES_BYTES // (h * ctx * 4))
-        exact = q.dtype == torch.bfloat16 and bf16_math()  # bf16 values: their products are exact
-        # scores rounded to bf16 would move each probability by ~0.4%; each block's operands are
-        # contiguous, as the GEMMs would otherwise copy them
-        q, k, v = q.float().contiguous(), k.float().contiguous(), v.contiguous()
-        none = q.new_zeros(1, 1, 1)
-        with bf16_products(exact):
-            for s in range(0, q.shape[1], block):
-                e = min(q.shape[1], s + block)
-                keys = int(mask[e - 1].nonzero().max()) + 1  # causal: later keys are masked for every query here
-                seen = int(mask[s].sum())  # and every query here sees the ones before the first's last
-                scores = torch.baddbmm(none, q[:, s:e], k[:, :keys].transpose(1, 2), beta=0, alpha=self.scale)
-                scores[..., seen:].masked_fill_(~mask[s:e, seen:keys], float("-inf"))
-                probs = torch.softmax(scores, -1).to(v.dtype)
-                out[s:e] = torch.bmm(probs, v[:, :keys]).transpose(0, 1)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # else each block's GEMMs would copy them
+        scores_of = block_scores(q, k, self.scale)
+        for s in range(0, q.shape[1], block):
+            e = min(q.shape[1], s + block)
+            keys = int(mask[e - 1].nonzero().max()) + 1  # causal: later keys are masked for every query here
+            seen = int(mask[s].sum())  # and every query here sees the ones before the first's last
+            scores = scores_of(s, e, keys)
+            scores[..., seen:].masked_fill_(~mask[s:e, seen:keys], float("-inf"))
+            probs = torch.softmax(scores, -1).to(v.dtype)
+            out[s:e] = torch.bmm(probs, v[:, :keys]).transpose(0, 1)
         return out
 
     def _absorb(self, q_nope, q_rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,17 +250,26 @@ class MLA(nn.Module):
         return torch.bmm(self.w_uv, out_latent).view(h, self.v_dim, s, q).permute(2, 3, 0, 1)
 
 
-@contextmanager
-def bf16_products(on: bool = True):
-    """fp32 matmuls through oneDNN's bf16 instructions, accumulated in fp32: the products of inputs
-    that hold bf16 values (a bf16 model's) are exact, and come 1.5x faster than fp32's on Zen 4."""
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16" if on else before
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> Callable[[int, int, int], torch.Tensor]:
+    """For queries q [heads, n, d] and keys k [heads, ctx, d] on the CPU, a function (s, e, keys) ->
+    scale * q[:, s:e] @ k[:, :keys].T in fp32 (scores rounded to bf16 would move each probability by
+    ~0.4%). bf16 values on a CPU with bf16 instructions go to hybrid/native/bf16_scores.cpp, which
+    reads the keys as pairs and multiplies on those instructions, exactly as fp32 would; other
+    values, or CPUs, to torch's fp32 GEMM."""
+    lib = build.load()
+    if q.dtype == torch.bfloat16 and bf16_math() and lib is not None:
+        pairs = k.view(torch.int32).transpose(1, 2).contiguous()  # [heads, d / 2, ctx]
+
+        def native(s: int, e: int, keys: int) -> torch.Tensor:
+            out = torch.empty(q.shape[0], e - s, keys)
+            if lib.hybrid_bf16_scores(q.shape[0], e - s, keys, q.shape[2], q[:, s:e].data_ptr(), q.stride(0),
+                                      pairs.data_ptr(), pairs.shape[2], scale, out.data_ptr()):
+                raise RuntimeError("this CPU lacks the AVX512-BF16 instructions the bf16 scores kernel needs")
+            return out
+
+        return native
+    q, k, none = q.float(), k.float(), q.new_zeros(1, 1, 1, dtype=torch.float32)
+    return lambda s, e, keys: torch.baddbmm(none, q[:, s:e], k[:, :keys].transpose(1, 2), beta=0, alpha=scale)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
