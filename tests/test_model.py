@@ -126,17 +126,22 @@ def test_warm_up_builds_the_decode_kernels_and_leaves_no_trace(tiny_dir):
     assert model.generate(ids, 6) == before
 
 
-def test_prefill_scores_are_fp32_products_of_the_bf16_values():
-    """A block of the CPU prefill's scores, on the bf16 scores kernel where this CPU has bf16
-    instructions (`bf16_math`) and on torch's fp32 GEMM for fp32 values: for bf16 values both are
-    the float64 products to fp32's rounding, where bf16 scores would be off by ~0.4%. Ragged sizes
-    (blocks of 8 queries, 32 keys) and a block that starts inside the queries."""
-    from hybrid.model.attention import block_scores
+def test_prefill_probabilities_come_from_fp32_scores_of_the_bf16_values():
+    """A block of the CPU prefill's causal softmax, on the bf16 attention kernel where this CPU has
+    bf16 instructions (`bf16_math`) and on torch's fp32 ops for fp32 values: for bf16 values both
+    are the float64 softmax to their output's rounding (bf16: 2^-9), where bf16 scores would move
+    each probability by ~0.4%, and zero where masked. Ragged sizes (tiles of 8 queries, 32 keys),
+    blocks that start inside the queries, a query that sees one key."""
+    from hybrid.model.attention import block_probs
 
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(3, 45, 192, generator=g).bfloat16() for _ in range(2))
-    for s, e, keys in ((0, 45, 45), (13, 30, 37), (40, 41, 1)):
-        want = 0.07 * q[:, s:e].double() @ k[:, :keys].double().transpose(1, 2)
-        for dtype in (torch.bfloat16, torch.float32):
-            got = block_scores(q.to(dtype), k.to(dtype), 0.07)(s, e, keys)
-            assert got.dtype == torch.float32 and rel(got, want) <= 1e-6, (s, e, keys, dtype)
+    for s, e, seen in ((0, 45, 1), (13, 30, 20), (40, 41, 5), (0, 20, 26)):
+        keys = seen + e - s - 1
+        scores = 0.3 * q[:, s:e].double() @ k[:, :keys].double().transpose(1, 2)
+        hidden = torch.arange(keys)[None] >= seen + torch.arange(e - s)[:, None]
+        want = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+        for dtype, bound in ((torch.bfloat16, 2**-8), (torch.float32, 1e-5)):
+            got = block_probs(q.to(dtype), k.to(dtype), 0.3)(s, e, seen).double()
+            assert got.shape == want.shape and torch.all(got[..., hidden] == 0), (s, e, seen, dtype)
+            assert ((got - want).abs() <= bound * want + 1e-30).all(), (s, e, seen, dtype)

@@ -36,7 +36,8 @@ from placement.model_config import ModelConfig
 
 # Above this many new tokens per sequence, expanding the latents beats absorbing the weights.
 ABSORB_MAX_QUERIES = 16
-# Scores of one block of queries (fp32, all heads) on the CPU: sized to stay in the caches' reach.
+# Scores of one block of queries (fp32, all heads) on the CPU: sized to stay in the caches' reach,
+# and under the 32 MB up to which freed blocks stay in the heap (hybrid/__init__.py).
 SCORES_BYTES = 16 << 20
 # Keys per block of the CPU's decode attention (_attend_blocks): a block's latents (bf16: 9.4 MB)
 # stay in L3 from the scores' matmul to the output's, and the blocks are few enough that their small
@@ -166,15 +167,12 @@ class MLA(nn.Module):
         out = torch.empty(q.shape[1], h, self.v_dim, dtype=q.dtype, device=q.device)
         block = max(16, SCORES_BYTES // (h * ctx * 4))
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # else each block's GEMMs would copy them
-        scores_of = block_scores(q, k, self.scale)
+        probs_of = block_probs(q, k, self.scale)
+        past = ctx - q.shape[1]  # the mask is causal: query s sees keys 0 .. past + s
         for s in range(0, q.shape[1], block):
             e = min(q.shape[1], s + block)
-            keys = int(mask[e - 1].nonzero().max()) + 1  # causal: later keys are masked for every query here
-            seen = int(mask[s].sum())  # and every query here sees the ones before the first's last
-            scores = scores_of(s, e, keys)
-            scores[..., seen:].masked_fill_(~mask[s:e, seen:keys], float("-inf"))
-            probs = torch.softmax(scores, -1).to(v.dtype)
-            out[s:e] = torch.bmm(probs, v[:, :keys]).transpose(0, 1)
+            probs = probs_of(s, e, past + s + 1)
+            out[s:e] = torch.bmm(probs.to(v.dtype), v[:, :probs.shape[-1]]).transpose(0, 1)
         return out
 
     def _absorb(self, q_nope, q_rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,26 +248,36 @@ class MLA(nn.Module):
         return torch.bmm(self.w_uv, out_latent).view(h, self.v_dim, s, q).permute(2, 3, 0, 1)
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> Callable[[int, int, int], torch.Tensor]:
-    """For queries q [heads, n, d] and keys k [heads, ctx, d] on the CPU, a function (s, e, keys) ->
-    scale * q[:, s:e] @ k[:, :keys].T in fp32 (scores rounded to bf16 would move each probability by
-    ~0.4%). bf16 values on a CPU with bf16 instructions go to hybrid/native/bf16_scores.cpp, which
-    reads the keys as pairs and multiplies on those instructions, exactly as fp32 would; other
-    values, or CPUs, to torch's fp32 GEMM."""
+def block_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> Callable[[int, int, int], torch.Tensor]:
+    """For queries q [heads, n, d] and keys k [heads, ctx, d] on the CPU, a function (s, e, seen) ->
+    the causal softmax of queries s .. e - 1, where query s + r sees the first seen + r keys:
+    [heads, e - s, seen + e - s - 1], zero where masked. Scores in fp32 (rounded to bf16 they would
+    move each probability by ~0.4%). bf16 values on a CPU with bf16 instructions go to
+    hybrid/native/attention_probs.cpp, which multiplies on those instructions, exactly as fp32 would,
+    and returns bf16 probabilities; others to torch's fp32 GEMM and softmax."""
+    heads, n, d = q.shape
     lib = build.load()
     if q.dtype == torch.bfloat16 and bf16_math() and lib is not None:
         pairs = k.view(torch.int32).transpose(1, 2).contiguous()  # [heads, d / 2, ctx]
 
-        def native(s: int, e: int, keys: int) -> torch.Tensor:
-            out = torch.empty(q.shape[0], e - s, keys)
-            if lib.hybrid_bf16_scores(q.shape[0], e - s, keys, q.shape[2], q[:, s:e].data_ptr(), q.stride(0),
-                                      pairs.data_ptr(), pairs.shape[2], scale, out.data_ptr()):
-                raise RuntimeError("this CPU lacks the AVX512-BF16 instructions the bf16 scores kernel needs")
+        def native(s: int, e: int, seen: int) -> torch.Tensor:
+            out = torch.empty(heads, e - s, seen + e - s - 1, dtype=torch.bfloat16)
+            if lib.hybrid_attention_probs(heads, e - s, seen, d, q[:, s:e].data_ptr(), q.stride(0), pairs.data_ptr(),
+                                          pairs.shape[2], scale, out.data_ptr()):
+                raise RuntimeError("this CPU lacks the AVX512-BF16 instructions the attention kernel needs")
             return out
 
         return native
     q, k, none = q.float(), k.float(), q.new_zeros(1, 1, 1, dtype=torch.float32)
-    return lambda s, e, keys: torch.baddbmm(none, q[:, s:e], k[:, :keys].transpose(1, 2), beta=0, alpha=scale)
+
+    def torch_ops(s: int, e: int, seen: int) -> torch.Tensor:
+        keys = seen + e - s - 1
+        scores = torch.baddbmm(none, q[:, s:e], k[:, :keys].transpose(1, 2), beta=0, alpha=scale)
+        later = torch.ones(e - s, keys - seen, dtype=torch.bool, device=q.device).triu()  # row r sees r of these
+        scores[..., seen:].masked_fill_(later, float("-inf"))
+        return torch.softmax(scores, -1)
+
+    return torch_ops
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,8 @@ SIGNATURES = (
     ("hybrid_int4_moe", [ctypes.c_int] * 7 + [ctypes.c_void_p] * 10),
     ("hybrid_int4_repack", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]),
     ("hybrid_int4_dequantize", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4),
-    ("hybrid_bf16_scores", [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                                 ctypes.c_float, ctypes.c_void_p]),
+    ("hybrid_attention_probs", [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                     ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]),
 )
 
 
