@@ -27,6 +27,7 @@ CHUNK = 1024
 # (token, slot) pairs from which an expert runs as bf16 GEMMs: there they beat the dot products by
 # 1.3x at mini's sizes and break even at Kimi's (Zen 4, 2 cores), where 32 pairs lost at both
 GEMM_MIN_TOKENS = 64
+GEMM_TOKENS = 32  # tokens an expert's GEMMs are padded to a multiple of (`DotExperts.mlp`)
 # rows of an expert's matrix dequantized at a time for its GEMM: 7 MB at Kimi's hidden size, within
 # the last-level cache, and N wide enough for oneDNN's GEMM to run near its peak
 TILE_ROWS = 512
@@ -117,9 +118,14 @@ class DotExperts(TorchExperts):
 
     def mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [n, H] (bf16, columns in the layout's order) as bf16 GEMMs, computed
-        transposed so that each tile's product is a contiguous block of rows of its output."""
-        h = F.silu(self._product(0, e, x.T)) * self._product(1, e, x.T)  # rows in the order of down's columns
-        return self._product(2, e, h).T.contiguous()  # (index_add_ takes a strided source 15x slower)
+        transposed so that each tile's product is a contiguous block of rows of its output. The tokens
+        are padded to a multiple of GEMM_TOKENS: oneDNN builds its GEMM anew for each shape it has
+        not met (0.4-0.5 ms, more than a small expert's product), and a prompt's experts would
+        otherwise bring new token counts every time."""
+        n = x.shape[0]
+        xt = F.pad(x, (0, 0, 0, -n % GEMM_TOKENS)).T
+        h = F.silu(self._product(0, e, xt)) * self._product(1, e, xt)  # rows in the order of down's columns
+        return self._product(2, e, h)[:, :n].T.contiguous()  # (index_add_ takes a strided source 15x slower)
 
     def _product(self, i: int, e: int, xt: torch.Tensor) -> torch.Tensor:
         """W @ xt for W expert e's gate, up or down (i = 0, 1, 2) and xt [in, n]: TILE_ROWS of W's rows
