@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from placement.hardware import Hardware, gpu_figures
-from placement.model_spec import ModelSpec
+from placement.model_spec import DOT_GEMM_MIN_TOKENS, ModelSpec
 
 # Defaults; a `measured` figure in the hardware description replaces each.
 HOST_GBPS_PER_THREAD = 10.8  # one thread's host read bandwidth, measured on a 16-core Xeon with an H200
@@ -29,35 +29,50 @@ TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read b
 # prefill, 1.24 TFLOP in 3.3-3.8 s) and on the 16-core AMX Xeon (a Kimi layer at T = 512: 0.78
 # TFLOP/s, where one thread alone reached 0.14); AVX2 assumed at half of Zen 4 (`vpmaddubsw` does
 # half of `vpdpbusd`'s work per instruction). Rows are cut into super-blocks of LANES blocks of 32
-# (`dot_lane_share`).
+# (`dot_lane_share`). Where the CPU multiplies bf16 in hardware, an expert with DOT_GEMM_MIN_TOKENS
+# or more in a call runs as bf16 GEMMs instead: measured on Zen 4 at 0.30 TFLOP/s a thread (`mini`'s
+# 2,048-token prefill, 1.03 TFLOP of experts in 1.70 s on 2 threads: 0.61 of oneDNN's bf16 peak);
+# on AMX assumed at the same share of oneDNN's AMX peak (4.6 TFLOP/s on the 16-core Xeon). Each
+# expert run so costs besides its FLOPs a fixed 0.17 ms for its small ops (measured on Zen 4: the
+# default model's 512-token prefill, 48 expert runs, 10-11 ms where their FLOPs take 2) and the
+# dequantizing of its weights, 6.3 G values a second a thread (measured: one of `mini`'s experts,
+# 6.3 M values, in 0.5 ms on 2 Zen 4 threads).
 DOT_DECODE_GBPS_PER_THREAD = 17.0
 DOT_HOST_SHARE = 0.95
 DOT_PREFILL_TFLOPS_PER_THREAD = {"amx": 0.049, "avx512_bf16": 0.16, "avx2": 0.08}
+DOT_GEMM_TFLOPS_PER_THREAD = {"amx": 0.61 * 4.6 / 16, "avx512_bf16": 0.30}
+DOT_GEMM_EXPERT_S = 0.17e-3
+DOT_DEQUANT_GVALUES_PER_THREAD = 6.3
 DOT_LANES = {"amx": 16, "avx512_bf16": 16, "avx2": 8}
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
 # (hybrid/model/dense_kernel.py): on Zen 4 the compiled GEMV; on AVX2 the planner assumes torch's
 # matmul (not measured there against the compiled GEMV, which the runtime times at load as well).
 # Per kernel: the share of the host read bandwidth (a torch sum, all threads) it reaches for one
 # token (measured on Zen 4: the compiled GEMV 33-40 of 38-54 GB/s in a decode step's lm_head,
-# oneDNN 24 of 38-52, torch 14), and bf16 GEMM FLOP/s per core (measured: Zen 4 0.2; AVX2 0.01,
-# no bf16 units).
+# oneDNN 24 of 38-52, torch 14), and bf16 GEMM FLOP/s per core (measured: Zen 4 0.47, `mini`'s
+# prefill of 2,048 tokens, its dense MLP 142 GFLOP in 147 ms on 2 threads; AVX2 0.01, no bf16
+# units).
 DENSE_EFFICIENCY = {"compiled": 0.75, "onednn": 0.55, "torch": 0.3}
-DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.2, "avx2": 0.01}
+DENSE_TFLOPS_PER_THREAD = {"amx": 4.7 / 15, "avx512_bf16": 0.47, "avx2": 0.01}
 # Decode attention over the host tier (hybrid/model/attention.py: one token's heads against a
 # context read in blocks) has only one row per head in its matmuls, where the CPU's GEMM reaches a
 # share of its peak, and a softmax per block: measured 0.105 TFLOP/s at 8K, 32K and 64K tokens (16
-# heads, Zen 4, 2 threads) against 0.4 for the bf16 GEMM (0.37 measured in the same run). FP8
-# latents are decoded to bf16 there as well (integer ops, hybrid/model/kv_cache.py), which the bf16
-# cache does not pay: measured as the time FP8 adds over bf16 in the same run, 2.4-3.0 G values/s a thread.
-CPU_ATTENTION_EFFICIENCY = 0.27
+# heads, Zen 4, 2 threads), which was 0.27 of that machine's bf16 GEMM rate then; AMX and AVX2
+# assumed at the same share of their bf16 GEMM rates. FP8 latents are decoded to bf16 there as
+# well (integer ops, hybrid/model/kv_cache.py), which the bf16 cache does not pay: measured as the
+# time FP8 adds over bf16 in the same run, 2.4-3.0 G values/s a thread.
+CPU_ATTENTION_TFLOPS_PER_THREAD = {"amx": 0.27 * 4.7 / 15, "avx512_bf16": 0.105 / 2, "avx2": 0.27 * 0.01}
 FP8_DECODE_GVALUES_PER_THREAD = 2.5
-# Prefill attention on the CPU (hybrid/model/attention.py `_expanded`) computes its query x key
-# products in fp32 (bf16 scores would move each probability by ~0.4%), at torch's fp32 GEMM rate
-# (measured per core: Zen 4 0.10, the AMX Xeon 1.8 / 16; AVX2 0.04), and moves about this many bytes
-# per score through memory: written, scaled, masked, softmaxed, copied to bf16 and read by the
-# second product (4 + 8 + 8 + 12 + 6 + 2).
-FP32_TFLOPS_PER_THREAD = {"amx": 1.8 / 16, "avx512_bf16": 0.10, "avx2": 0.04}
-CPU_SCORE_BYTES = 40
+# Prefill attention on the CPU (hybrid/model/attention.py `block_probs`) takes its query x key
+# products with fp32 sums (bf16 scores would move each probability by ~0.4%). On CPUs with
+# AVX512-BF16 (AMX Xeons have it too) our kernel (hybrid/native/attention_probs.cpp) computes
+# them, the mask and the softmax while the scores are in L2 and writes bf16 probabilities, which
+# the second product reads: 4 bytes a score through memory, at 0.25 TFLOP/s a thread (measured on
+# Zen 4 over a 2,048-token layer of `mini`, softmax included; assumed the same per AVX-512 core on
+# AMX). Elsewhere torch's fp32 GEMM (AVX2: 0.04 a core, from 0.08 on 2 Zen 3 cores) and 40 bytes
+# a score: written, scaled, masked, softmaxed, copied to bf16 and read again (4 + 8 + 8 + 12 + 6 + 2).
+SCORES_TFLOPS_PER_THREAD = {"amx": 0.25, "avx512_bf16": 0.25, "avx2": 0.04}
+CPU_SCORE_BYTES = {"amx": 4, "avx512_bf16": 4, "avx2": 40}
 # per module on the CPU: its small ops, the compiler's guards and thread wake-ups (measured on Zen 4:
 # the default model's decode step, all of it such time, 2.3 ms over 12 modules; mini's attention
 # 0.5 ms a layer over its bytes, its router 0.08, its MLPs about none)
@@ -88,9 +103,13 @@ class Figures:
     cpu_decode_gbps: float  # routed-expert weights per second at T = 1
     cpu_prefill_tflops: float  # routed-expert FLOP/s on long prompts
     torch_tflops: float  # dense modules placed on the CPU
+    attention_tflops: float  # decode attention over latents in host RAM
+    cpu_gemm_tflops: float = 0.0  # routed-expert FLOP/s as bf16 GEMMs (`DOT_GEMM_MIN_TOKENS` and more)
+    dequant_gvalues: float = 0.0  # INT4 values dequantized per second for those GEMMs
     dense_gbps: float = 0.0  # what dense modules on the CPU read per second for one token
     fp8_decode_gvalues: float = 0.0  # FP8 latents the CPU decodes per second (G values), attending to them
-    fp32_tflops: float = 0.0  # torch's fp32 GEMM on the CPU: prefill attention's scores
+    scores_tflops: float = 0.0  # prefill attention's scores on the CPU (`SCORES_TFLOPS_PER_THREAD`)
+    score_bytes: int = 0  # and what each moves through memory
     dot_lanes: int = 0  # blocks of 32 per super-block of the INT4 dot kernel, where it runs the experts
 
 
@@ -99,9 +118,10 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
     table = [gpu_figures(g.name) for g in hw.gpus]
     host = m.host_gbps or min(cpu.cores * HOST_GBPS_PER_THREAD, cpu.numa_nodes * HOST_GBPS_PER_NUMA_NODE)
     isa = next((i for i in ("amx", "avx512_bf16") if cpu.has(i)), "avx2")
+    gemm = 0.0
     if backend == "dot":
         decode = min(host * DOT_HOST_SHARE, threads * DOT_DECODE_GBPS_PER_THREAD)
-        rate = DOT_PREFILL_TFLOPS_PER_THREAD[isa]
+        rate, gemm = DOT_PREFILL_TFLOPS_PER_THREAD[isa], DOT_GEMM_TFLOPS_PER_THREAD.get(isa, 0.0) * threads
     elif backend == "kt":
         per_thread = m.cpu_decode_gbps_per_thread or KT_DECODE_GBPS_PER_THREAD
         decode = min(host, threads * per_thread) * CPU_DECODE_EFFICIENCY
@@ -115,10 +135,13 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
         gpu_tflops=tuple(m.gpu_tflops or t[2] * GPU_FLOPS_EFFICIENCY for t in table),
         pcie_gbps=m.pcie_gbps or min((t[3] for t in table), default=25.0),
         host_gbps=host, cpu_decode_gbps=decode,
-        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads,
-        torch_tflops=DENSE_TFLOPS_PER_THREAD[isa] * cpu.cores, dense_gbps=host * DENSE_EFFICIENCY[dense_kernel],
+        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads, cpu_gemm_tflops=m.cpu_prefill_tflops or gemm,
+        dequant_gvalues=DOT_DEQUANT_GVALUES_PER_THREAD * threads if gemm else 0.0,
+        torch_tflops=DENSE_TFLOPS_PER_THREAD[isa] * cpu.cores,
+        attention_tflops=CPU_ATTENTION_TFLOPS_PER_THREAD[isa] * cpu.cores, dense_gbps=host * DENSE_EFFICIENCY[dense_kernel],
         fp8_decode_gvalues=FP8_DECODE_GVALUES_PER_THREAD * cpu.cores,
-        fp32_tflops=FP32_TFLOPS_PER_THREAD[isa] * cpu.cores, dot_lanes=DOT_LANES[isa] if backend == "dot" else 0,
+        scores_tflops=SCORES_TFLOPS_PER_THREAD[isa] * cpu.cores, score_bytes=CPU_SCORE_BYTES[isa],
+        dot_lanes=DOT_LANES[isa] if backend == "dot" else 0,
     )
 
 
@@ -188,22 +211,51 @@ def dot_lane_share(spec: ModelSpec, lanes: int) -> float:
     return 3 / (2 / share(a.hidden_size) + 1 / share(a.moe_intermediate_size))
 
 
+def gemm_share(per_expert: float) -> float:
+    """The share of a call's (token, expert) pairs whose expert has DOT_GEMM_MIN_TOKENS or more of
+    them, each expert's count Poisson with mean `per_expert`: E[N; N >= M] = mean * P(N >= M - 1)."""
+    term, below = math.exp(-per_expert), 0.0  # P(N <= M - 2), summed term by term
+    for i in range(DOT_GEMM_MIN_TOKENS - 1):
+        below += term
+        term *= per_expert / (i + 1)
+    return max(0.0, 1.0 - below)
+
+
+def cpu_expert_seconds(fig: Figures, spec: ModelSpec, picks: float, distinct: float) -> tuple[float, float]:
+    """Compute seconds of `picks` (token, expert) pairs over `distinct` routed experts on the CPU,
+    and the fixed cost of the experts among them run as bf16 GEMMs: those with DOT_GEMM_MIN_TOKENS
+    or more pairs (`gemm_share`), where the backend has GEMMs, each paying its small ops and the
+    dequantizing of its weights; the rest at the backend's own rate times its lane share."""
+    share = gemm_share(picks / max(distinct, 1e-9)) if fig.cpu_gemm_tflops else 0.0
+    own = fig.cpu_prefill_tflops * (dot_lane_share(spec, fig.dot_lanes) if fig.dot_lanes else 1.0)
+    flops = picks * spec.expert_flops / 1e12
+    if not share:
+        return flops / own, 0.0
+    values = 3 * spec.arch.hidden_size * spec.arch.moe_intermediate_size
+    fixed = distinct * share * (DOT_GEMM_EXPERT_S + values / (fig.dequant_gvalues * 1e9))
+    return flops * share / fig.cpu_gemm_tflops + flops * (1 - share) / own, fixed
+
+
 def _cpu_experts(b: Breakdown, spec: ModelSpec, method: str, distinct: float, picks: float, gbps: float) -> float:
     read = b.add("CPU expert bytes / host bandwidth", distinct * spec.expert_host_bytes(method) / (gbps * 1e9))
-    rate = b.fig.cpu_prefill_tflops * (dot_lane_share(spec, b.fig.dot_lanes) if b.fig.dot_lanes else 1.0)
-    return max(read, b.add("CPU expert FLOPs / CPU peak", picks * spec.expert_flops / (rate * 1e12)))
+    compute, fixed = cpu_expert_seconds(b.fig, spec, picks, distinct)
+    compute = b.add("CPU expert FLOPs / CPU peak", compute)
+    if fixed:
+        compute += b.add("CPU experts as GEMMs: per-expert cost", fixed)
+    return max(read, compute)
 
 
 def _cpu_prefill_scores(b: Breakdown, spec: ModelSpec, start: int, tokens: int) -> float:
     """What one layer's prefill attention on the CPU adds over its GEMM-rate FLOPs, for `tokens`
-    queries after `start` earlier tokens: the query x key products in fp32 and the traffic of the
-    scores (FP32_TFLOPS_PER_THREAD, CPU_SCORE_BYTES). Each block of queries reads the keys up to its
-    last, taken here as every query reading start + tokens keys (exact for one block)."""
+    queries after `start` earlier tokens: the query x key products with fp32 sums and the traffic of
+    the scores (SCORES_TFLOPS_PER_THREAD, CPU_SCORE_BYTES). Each block of queries reads the keys up
+    to its last, taken here as every query reading start + tokens keys (exact for one block)."""
     a = spec.arch
     scores = a.num_attention_heads * tokens * (start + tokens)
     qk = 2 * scores * (a.qk_nope_head_dim + a.qk_rope_head_dim)
-    fp32 = b.add("CPU prefill scores: fp32 FLOPs / fp32 GEMM rate", qk / (b.fig.fp32_tflops * 1e12))
-    return fp32 + b.add("CPU prefill scores: bytes / host bandwidth", scores * CPU_SCORE_BYTES / (b.fig.host_gbps * 1e9))
+    products = b.add("CPU prefill scores: FLOPs / scores rate", qk / (b.fig.scores_tflops * 1e12))
+    return products + b.add("CPU prefill scores: bytes / host bandwidth",
+                            scores * b.fig.score_bytes / (b.fig.host_gbps * 1e9))
 
 
 def tiers(p, context: int) -> tuple[int, int]:
@@ -224,7 +276,7 @@ def _cpu_attention(b: Breakdown, spec: ModelSpec, p, n: int, tokens: int) -> flo
                  n * tokens * spec.kv_bytes_per_token_layer(p.kv_cache.dtype) / (b.fig.host_gbps * 1e9))
     flops = n * (spec.attention_flops(tokens, absorbed=True) - spec.attention_flops(0, absorbed=True))
     compute = b.add("CPU attention FLOPs / CPU attention rate",
-                    flops / (b.fig.torch_tflops * CPU_ATTENTION_EFFICIENCY * 1e12))
+                    flops / (b.fig.attention_tflops * 1e12))
     if fp8:
         values = n * tokens * (a.kv_lora_rank + a.qk_rope_head_dim)
         compute += b.add("host FP8 latents decoded on the CPU", values / (b.fig.fp8_decode_gvalues * 1e9))
@@ -341,9 +393,9 @@ def stream_threshold(spec: ModelSpec, fig: Figures, method: str, cpu_experts: fl
     stream_s = cpu_experts * spec.bytes["expert"] / (fig.pcie_gbps * 1e9)
 
     def wins(t: int) -> bool:
-        picks = t * k * cpu_share
-        cpu_s = max(cpu_experts * touched(k / e, t) * spec.expert_host_bytes(method) / (fig.host_gbps * 1e9),
-                    picks * flops / (fig.cpu_prefill_tflops * 1e12))
+        picks, distinct = t * k * cpu_share, cpu_experts * touched(k / e, t)
+        cpu_s = max(distinct * spec.expert_host_bytes(method) / (fig.host_gbps * 1e9),
+                    sum(cpu_expert_seconds(fig, spec, picks, distinct)))
         return max(stream_s, picks * flops / (fig.gpu_tflops[gpu] * 1e12)) < cpu_s
 
     lo, hi = 1, 1 << 22

@@ -185,6 +185,12 @@ def checkpoint_tensors(a: Arch) -> Iterator[Tensor]:
 
 
 INT4_DOT_TAKES = "hidden and expert sizes divisible by 128 and scale groups of 32, 64 or 128"
+# The dot backend's prompt path (hybrid/experts/dot_backend.py): where the CPU multiplies bf16 in
+# hardware, an expert with this many (token, slot) pairs or more in one call runs as bf16 GEMMs on
+# tiles dequantized from its INT4 weights. Measured on Zen 4 (2 cores): at 64 pairs the GEMMs beat
+# the dot products by 1.1-1.3x at mini's and half its sizes and broke even at Kimi's; at 32 they
+# lost at every size.
+DOT_GEMM_MIN_TOKENS = 64
 
 
 def int4_dot_fits(hidden: int, intermediate: int, group: int) -> bool:

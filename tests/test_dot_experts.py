@@ -154,7 +154,7 @@ def prompt_routes(tokens: int = 200, seed: int = 0):
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_a_prompts_experts_run_as_bf16_gemms_nearer_the_reference(group):
-    """Experts with GEMM_MIN_TOKENS pairs or more in a call run as bf16 GEMMs on weights dequantized
+    """Experts with DOT_GEMM_MIN_TOKENS pairs or more in a call run as bf16 GEMMs on weights dequantized
     from the kernel's layout, the rest on the dot products, in the same call: the sum is nearer the
     fp32 reference than int8 activations get, and only the many-token experts took the GEMMs."""
     runnable("avx512_vnni")

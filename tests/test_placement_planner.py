@@ -109,7 +109,7 @@ def test_decode_curve_charges_the_host_tier_its_kv_reads_and_attention_flops():
     host = p.kv_cache.host_tokens * a.num_hidden_layers  # host-tier latents a step reads, over all layers
     values = a.kv_lora_rank + a.qk_rope_head_dim
     flops = host * 2 * a.num_attention_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
-    attention_s = flops / (fig.torch_tflops * cost.CPU_ATTENTION_EFFICIENCY) / 1e9  # in ms
+    attention_s = flops / (fig.attention_tflops) / 1e9  # in ms
     decode_s = host * values / (cost.FP8_DECODE_GVALUES_PER_THREAD * p.hardware.cpu.cores) / 1e6
     steps = {}
     for dtype, per_token in (("bf16", 2 * values), ("fp8", values + 8)):  # FP8: two fp32 scales a token
@@ -133,30 +133,43 @@ def test_a_cpu_only_plan_charges_its_whole_context_at_the_cpus_attention_rate():
     flops = context * a.num_hidden_layers * 2 * a.num_attention_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
     terms = cost.decode(p, KIMI, fig, context=context)[1]
     assert terms["CPU attention FLOPs / CPU attention rate"] == pytest.approx(
-        flops / (fig.torch_tflops * cost.CPU_ATTENTION_EFFICIENCY) / 1e9, rel=1e-4)
+        flops / (fig.attention_tflops) / 1e9, rel=1e-4)
     assert "PCIe transfers" not in terms
 
 
-def test_cpu_prefill_charges_fp32_scores_and_the_dot_kernels_idle_lanes():
-    """A CPU-only prefill of one 512-token chunk, by hand: the attention scores' fp32 products and
-    their bytes per layer, and the routed experts' FLOPs at the dot kernel's rate times the share of
-    its 16 lanes that rows of 256 and 128 values fill (1/2 and 1/4: 3 / (2 * 2 + 4) = 0.375); Kimi's
-    rows fill every lane. A GPU's attention pays no such term."""
+def test_cpu_prefill_charges_the_scores_and_the_experts_by_their_kernels():
+    """A CPU-only prefill by hand. The attention scores per layer: their products at the scores rate
+    and their bytes, 4 a score where the bf16 kernel runs them (AVX512-BF16), 40 on torch's fp32
+    path (AVX2). The routed experts: in a 64-token prompt each of tiny's 16 experts meets ~16 of its
+    4-per-token pairs, so they stay on the dot kernel, at its rate times the share of its lanes that
+    rows of 256 and 128 values fill (1/2 and 1/4 of 16: 3 / (2 * 2 + 4) = 0.375; Kimi's rows fill
+    every lane); in a 512-token prompt each meets ~128, so they run as bf16 GEMMs, at the GEMM rate
+    plus, per expert and layer, its small ops and its dequantizing. A GPU's attention pays no scores
+    term."""
     p = plan(TINY, describe([], "64GB", cores=2, numa=1, isa="avx512_bf16"))
     fig = cost.figures(p.hardware, p.cpu.backend, p.cpu.method, p.cpu.threads)
-    a, t = TINY.arch, 512
-    assert p.cpu.backend == "dot" and fig.dot_lanes == 16
+    a = TINY.arch
+    assert p.cpu.backend == "dot" and fig.dot_lanes == 16 and fig.score_bytes == 4 and fig.cpu_gemm_tflops
     assert cost.dot_lane_share(TINY, 16) == pytest.approx(0.375)
     assert cost.dot_lane_share(KIMI, 16) == cost.dot_lane_share(KIMI, 8) == 1.0
-    terms = cost.prefill(p, TINY, fig, prompt=t)[1]
-    scores = a.num_hidden_layers * a.num_attention_heads * t * t
-    assert terms["CPU prefill scores: fp32 FLOPs / fp32 GEMM rate"] == pytest.approx(
-        2 * scores * (a.qk_nope_head_dim + a.qk_rope_head_dim) / fig.fp32_tflops / 1e9, rel=1e-3)
-    assert terms["CPU prefill scores: bytes / host bandwidth"] == pytest.approx(
-        scores * cost.CPU_SCORE_BYTES / fig.host_gbps / 1e6, rel=1e-3)
-    picks = len(a.moe_layers) * t * a.num_experts_per_tok
-    assert terms["CPU expert FLOPs / CPU peak"] == pytest.approx(
-        picks * TINY.expert_flops / (fig.cpu_prefill_tflops * 0.375) / 1e9, rel=1e-3)
+    assert cost.gemm_share(16) < 1e-9 and cost.gemm_share(128) > 1 - 1e-6 and 0.4 < cost.gemm_share(64) < 0.6
+    moe = len(a.moe_layers)
+    for t, gemms in ((64, False), (512, True)):
+        terms = cost.prefill(p, TINY, fig, prompt=t)[1]  # in ms, rounded to 1 us
+        scores = a.num_hidden_layers * a.num_attention_heads * t * t
+        assert terms["CPU prefill scores: FLOPs / scores rate"] == pytest.approx(
+            2 * scores * (a.qk_nope_head_dim + a.qk_rope_head_dim) / fig.scores_tflops / 1e9, rel=1e-3, abs=5e-4)
+        assert terms["CPU prefill scores: bytes / host bandwidth"] == pytest.approx(
+            scores * 4 / fig.host_gbps / 1e6, rel=1e-3, abs=5e-4)
+        rate = fig.cpu_gemm_tflops if gemms else fig.cpu_prefill_tflops * 0.375
+        assert terms["CPU expert FLOPs / CPU peak"] == pytest.approx(
+            moe * t * a.num_experts_per_tok * TINY.expert_flops / rate / 1e9, rel=1e-3, abs=5e-4)
+        dequant = 3 * a.hidden_size * a.moe_intermediate_size / (fig.dequant_gvalues * 1e9)
+        assert terms.get("CPU experts as GEMMs: per-expert cost", 0) == pytest.approx(
+            moe * a.n_routed_experts * (cost.DOT_GEMM_EXPERT_S + dequant) * 1e3 if gemms else 0, rel=1e-3)
+    avx2 = plan(TINY, describe([], "64GB", cores=2, numa=1, isa="avx2"))
+    avx2_fig = cost.figures(avx2.hardware, avx2.cpu.backend, avx2.cpu.method, avx2.cpu.threads)
+    assert avx2_fig.score_bytes == 40 and not avx2_fig.cpu_gemm_tflops
     gpu = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
     gpu_fig = cost.figures(gpu.hardware, gpu.cpu.backend, gpu.cpu.method, gpu.cpu.threads)
     assert not any(k.startswith("CPU prefill scores") for k in cost.prefill(gpu, KIMI, gpu_fig)[1])

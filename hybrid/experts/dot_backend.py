@@ -18,15 +18,12 @@ from hybrid.experts.torch_backend import TorchExperts
 from hybrid.experts.weights import ExpertWeights
 from hybrid.native import build
 from placement.cpu_probe import bf16_math, has
-from placement.model_spec import int4_dot_fits
+from placement.model_spec import DOT_GEMM_MIN_TOKENS, int4_dot_fits
 
 # Tokens per call of the kernel: its scratch holds each (token, expert) pair's activations and
 # output (at Kimi's sizes ~35 KB a pair), and past a few hundred tokens a call's weights are read
 # once for many tokens anyway.
 CHUNK = 1024
-# (token, slot) pairs from which an expert runs as bf16 GEMMs: there they beat the dot products by
-# 1.3x at mini's sizes and break even at Kimi's (Zen 4, 2 cores), where 32 pairs lost at both
-GEMM_MIN_TOKENS = 64
 GEMM_TOKENS = 32  # tokens an expert's GEMMs are padded to a multiple of (`DotExperts.mlp`)
 # rows of an expert's matrix dequantized at a time for its GEMM: 7 MB at Kimi's hidden size, within
 # the last-level cache, and N wide enough for oneDNN's GEMM to run near its peak
@@ -62,7 +59,7 @@ def layout_order(k: int, lanes: int = 16) -> torch.Tensor:
 
 class DotExperts(TorchExperts):
     """The dot kernel; and, where the CPU multiplies bf16 in hardware (`bf16_math`), for experts with
-    `GEMM_MIN_TOKENS` pairs or more in a call, TorchExperts' grouped GEMMs on experts dequantized
+    `DOT_GEMM_MIN_TOKENS` pairs or more in a call, TorchExperts' grouped GEMMs on experts dequantized
     from the kernel's layout. Those come with their columns in the layout's order, so the hidden
     state is put in the same order first (`layout_order`), and gate's and up's rows in the order of
     down's columns."""
@@ -84,7 +81,7 @@ class DotExperts(TorchExperts):
         self.scales = tuple(t.to(torch.bfloat16).contiguous() for t in
                             (weights.gate_scale, weights.up_scale, weights.down_scale))
         self.gemms = (bf16_math() if gemms is None else gemms) and self.isa == "avx512_vnni"
-        self.gemm_min_tokens = GEMM_MIN_TOKENS if self.gemms else None
+        self.gemm_min_tokens = DOT_GEMM_MIN_TOKENS if self.gemms else None
         self.kernel = f"hybrid INT4 x int8 dot ({self.isa})" + (", bf16 GEMMs for prompts" if self.gemms else "")
         self.order = layout_order(weights.hidden_size), layout_order(weights.intermediate_size)
 
