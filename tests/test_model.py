@@ -145,3 +145,30 @@ def test_prefill_probabilities_come_from_fp32_scores_of_the_bf16_values():
             got = block_probs(q.to(dtype), k.to(dtype), 0.3)(s, e, seen).double()
             assert got.shape == want.shape and torch.all(got[..., hidden] == 0), (s, e, seen, dtype)
             assert ((got - want).abs() <= bound * want + 1e-30).all(), (s, e, seen, dtype)
+
+
+def test_a_bf16_prompt_on_a_cpu_without_bf16_math_takes_torchs_fp32_scores(tiny_dir, monkeypatch):
+    """Where the CPU has no bf16 instructions (AVX2), a bf16 model's prompt attention takes torch's
+    fp32 scores instead of the bf16 kernel. Over several blocks of queries after a cached prefix,
+    each path this CPU runs is as near the float32 model as bf16 gets, and, where both run, the two
+    give the same logits to bf16's rounding."""
+    from hybrid.model import attention
+    from placement.cpu_probe import bf16_math
+
+    monkeypatch.setattr(attention, "SCORES_BYTES", 1)  # blocks of 16 queries
+    ids = prompt(1280, 40)
+
+    def logits(model) -> torch.Tensor:
+        cache = model.new_cache(40)
+        model.decoder(ForwardBatch.single(ids[:24], 0, torch.arange(24)), cache)
+        return model.decoder(ForwardBatch.single(ids[24:], 24, torch.arange(40)), cache, logits_index=torch.arange(16))
+
+    exact = logits(load_model(tiny_dir, dtype=torch.float32))
+    model = load_model(tiny_dir)
+    got = {}
+    for path in (False, True) if bf16_math() else (False,):
+        monkeypatch.setattr(attention, "bf16_math", lambda: path)
+        got[path] = logits(model)
+        assert rel(got[path], exact) <= 0.3, path  # as test_default_path_tracks_float32 holds bf16
+    if len(got) == 2:
+        assert rel(got[False], got[True]) <= 1e-2
