@@ -162,7 +162,7 @@ def bench(
     with console.status(f"loading {folder.name} and measuring {prompt} + {decode} tokens"):
         loaded = load_model(folder, s)
         loaded.warm_up()  # as `hybrid serve` does before it serves
-        table = compare(loaded, s.profile, prompt, decode)
+        table = compare(loaded, s.profile, prompt, decode, host_now=profile is None)
     console.print(table)
     with console.status("timing one decode step and one prefill by part, and this machine's floors"):
         tables = parts(loaded, prompt)

@@ -33,14 +33,21 @@ def plan_here(folder: Path):
     return plan(ModelSpec.from_config(folder), hw)
 
 
-def compare(model: HybridModel, profile, prompt: int, decode: int) -> Table:
+def compare(model: HybridModel, profile, prompt: int, decode: int, host_now: bool = False) -> Table:
+    """The model's measured speed beside the profile's predicted one. `host_now`: predict at the
+    host read bandwidth measured just before and after the measurement (their mean), not at the
+    profile's: on a shared machine it can move 1.5x between planning and measuring."""
+    from hybrid.measure import host_gbps
     from placement import cost
 
     spec = profile.spec()
+    before = host_gbps() if host_now else None
+    got = measure(model, prompt, decode)
+    if host_now:
+        profile.hardware.measured.host_gbps = round((before + host_gbps()) / 2, 1)
     fig = cost.figures(profile.hardware, profile.cpu.backend, profile.cpu.method, profile.cpu.threads)
     want_decode, decode_ms = cost.decode(profile, spec, fig, context=prompt + decode // 2)  # as measured
     want_prefill, prefill_ms = cost.prefill(profile, spec, fig, prompt=prompt)
-    got = measure(model, prompt, decode)
     table = Table(title=f"{model.folder.name}: measured vs predicted ({profile.hardware.summary()})")
     for col in ("phase", "measured tok/s", "predicted tok/s", "measured / predicted", "measured ms", "predicted ms"):
         table.add_column(col, justify="right")

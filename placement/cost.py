@@ -25,9 +25,10 @@ TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read b
 # its own (one core cannot draw more of the memory), so few cores are bound by themselves, many by
 # the memory, whose bandwidth it reaches (a Kimi layer at T = 1: 109 of 110 GB/s on a 16-core AMX
 # Xeon, 0.94-1.06 of it on 2 Zen 4 cores). Prefill: its integer dot products on many tokens, per
-# thread by the CPU class: measured on Zen 4 (AVX-512 VNNI, 2 threads: `mini`'s 2,048-token
-# prefill, 1.24 TFLOP in 3.3-3.8 s) and on the 16-core AMX Xeon (a Kimi layer at T = 512: 0.78
-# TFLOP/s, where one thread alone reached 0.14); AVX2 assumed at half of Zen 4 (`vpmaddubsw` does
+# thread by the CPU class: measured on Zen 4 (AVX-512 VNNI, 2 threads: 0.37-0.42 TFLOP/s on a layer of
+# `mini`'s experts at 16-256 pairs an expert, 0.55-0.65 on Kimi's longer rows; `bench.prompt_experts`)
+# and on the 16-core AMX Xeon (a Kimi layer at T = 512: 0.78
+# TFLOP/s, where one thread alone reached 0.14); AVX2 assumed at 0.08, about half of Zen 4 (`vpmaddubsw` does
 # half of `vpdpbusd`'s work per instruction). Rows are cut into super-blocks of LANES blocks of 32
 # (`dot_lane_share`). Where the CPU multiplies bf16 in hardware, an expert with DOT_GEMM_MIN_TOKENS
 # or more in a call runs as bf16 GEMMs instead: measured on Zen 4 at 0.30 TFLOP/s a thread (`mini`'s
@@ -39,7 +40,7 @@ TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read b
 # 6.3 M values, in 0.5 ms on 2 Zen 4 threads).
 DOT_DECODE_GBPS_PER_THREAD = 17.0
 DOT_HOST_SHARE = 0.95
-DOT_PREFILL_TFLOPS_PER_THREAD = {"amx": 0.049, "avx512_bf16": 0.16, "avx2": 0.08}
+DOT_PREFILL_TFLOPS_PER_THREAD = {"amx": 0.049, "avx512_bf16": 0.2, "avx2": 0.08}
 DOT_GEMM_TFLOPS_PER_THREAD = {"amx": 0.61 * 4.6 / 16, "avx512_bf16": 0.30}
 DOT_GEMM_EXPERT_S = 0.17e-3
 DOT_DEQUANT_GVALUES_PER_THREAD = 6.3

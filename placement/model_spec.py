@@ -187,10 +187,11 @@ def checkpoint_tensors(a: Arch) -> Iterator[Tensor]:
 INT4_DOT_TAKES = "hidden and expert sizes divisible by 128 and scale groups of 32, 64 or 128"
 # The dot backend's prompt path (hybrid/experts/dot_backend.py): where the CPU multiplies bf16 in
 # hardware, an expert with this many (token, slot) pairs or more in one call runs as bf16 GEMMs on
-# tiles dequantized from its INT4 weights. Measured on Zen 4 (2 cores): at 64 pairs the GEMMs beat
-# the dot products by 1.1-1.3x at mini's and half its sizes and broke even at Kimi's; at 32 they
-# lost at every size.
-DOT_GEMM_MIN_TOKENS = 64
+# tiles dequantized from its INT4 weights. Measured on Zen 4 (2 cores, `python -m bench.prompt_experts`,
+# fresh routes each call): the GEMMs won from 128 pairs an expert (1.24x at mini's size, 1.04x at
+# Kimi's) and lost at 64 (0.90x, 0.82x); fitted per expert, they break even at ~70 pairs at mini's
+# size and ~110 at Kimi's, where dequantizing an expert costs ~5 ms on 2 cores.
+DOT_GEMM_MIN_TOKENS = 128
 
 
 def int4_dot_fits(hidden: int, intermediate: int, group: int) -> bool:

@@ -143,8 +143,8 @@ def test_the_model_on_each_instruction_sets_code_tracks_float32(isa, tiny_dir, m
     assert agree(fast) >= agree(bf16) - 0.1
 
 
-def prompt_routes(tokens: int = 200, seed: int = 0):
-    """Experts 0-7 chosen ~100 times each (a prompt's), experts 8-15 three times each, one slot -1."""
+def prompt_routes(tokens: int = 400, seed: int = 0):
+    """Experts 0-7 chosen ~200 times each (a prompt's), experts 8-15 three times each, one slot -1."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(tokens)])
     ids[:24, 3] = 8 + torch.arange(24) % 8
