@@ -22,8 +22,8 @@ def _keep_freed_memory() -> None:
     """glibc's malloc hands each freed block over its mmap threshold back to the OS, and a prefill's
     activations are such blocks: every op then page-faults fresh memory in, which made softmax and
     copies 2-4x slower and a 2,048-token prefill of `mini` 15% slower (Zen 4). Blocks up to 32 MB (the
-    most glibc allows) come from the heap instead, and the heap is not trimmed: the process keeps what
-    its largest pass used, as a serving process does anyway."""
+    most glibc allows) come from the heap instead, and the heap's top goes back to the OS only past 2
+    GB free: the process keeps what its largest pass used, as a serving process does anyway."""
     import ctypes
 
     try:
