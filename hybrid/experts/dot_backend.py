@@ -5,9 +5,9 @@ threads. One call per layer, whatever the tokens: each chosen expert's rows are 
 step, so a batch of streams reads the union of its experts once.
 
 An expert that many tokens chose in one call (a prompt's) is compute-bound, not memory-bound: on
-a CPU with bf16 instructions it runs as bf16 GEMMs instead, dequantized once for the call, at
-oneDNN's bf16 peak (AMX where the CPU has it), where the dot products reach a half (Zen 4) to a
-sixth (AMX Xeon) of it."""
+a CPU with bf16 instructions it runs as bf16 GEMMs instead, on tiles dequantized for the call, on
+oneDNN (AMX where the CPU has it), whose bf16 peak the dot products reach a half of (Zen 4) or a
+sixth (AMX Xeon)."""
 
 from __future__ import annotations
 
