@@ -36,14 +36,14 @@ TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read b
 # on AMX assumed at the same share of oneDNN's AMX peak (4.6 TFLOP/s on the 16-core Xeon). Each
 # expert run so costs besides its FLOPs a fixed 0.17 ms for its small ops (measured on Zen 4: the
 # default model's 512-token prefill, 48 expert runs, 10-11 ms where their FLOPs take 2) and the
-# dequantizing of its weights, 6.3 G values a second a thread (measured: one of `mini`'s experts,
-# 6.3 M values, in 0.5 ms on 2 Zen 4 threads).
+# dequantizing of its weights, 11 G values a second a thread (measured into a reused tile on 2 Zen 4
+# threads: one of `mini`'s experts, 6.3 M values, in 0.27-0.29 ms; one of Kimi's, 44 M, in 1.54-1.59).
 DOT_DECODE_GBPS_PER_THREAD = 17.0
 DOT_HOST_SHARE = 0.95
 DOT_PREFILL_TFLOPS_PER_THREAD = {"amx": 0.049, "avx512_bf16": 0.2, "avx2": 0.08}
 DOT_GEMM_TFLOPS_PER_THREAD = {"amx": 0.61 * 4.6 / 16, "avx512_bf16": 0.30}
 DOT_GEMM_EXPERT_S = 0.17e-3
-DOT_DEQUANT_GVALUES_PER_THREAD = 6.3
+DOT_DEQUANT_GVALUES_PER_THREAD = 11.0
 DOT_LANES = {"amx": 16, "avx512_bf16": 16, "avx2": 8}
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
 # (hybrid/model/dense_kernel.py): on Zen 4 the compiled GEMV; on AVX2 the planner assumes torch's

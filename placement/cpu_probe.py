@@ -37,9 +37,9 @@ def has(*names: str) -> bool:
 
 
 def bf16_math() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): elsewhere oneDNN emulates
-    it, and bf16 GEMMs run far slower than fp32's."""
-    return has("avx512_bf16") or has("amx_bf16")
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16, which AMX CPUs have too (elsewhere
+    oneDNN emulates it, and bf16 GEMMs run far slower than fp32's)."""
+    return has("avx512_bf16")
 
 
 def usable_cpus() -> list[int]:

@@ -188,9 +188,9 @@ INT4_DOT_TAKES = "hidden and expert sizes divisible by 128 and scale groups of 3
 # The dot backend's prompt path (hybrid/experts/dot_backend.py): where the CPU multiplies bf16 in
 # hardware, an expert with this many (token, slot) pairs or more in one call runs as bf16 GEMMs on
 # tiles dequantized from its INT4 weights. Measured on Zen 4 (2 cores, `python -m bench.prompt_experts`,
-# fresh routes each call): the GEMMs won from 128 pairs an expert (1.24x at mini's size, 1.04x at
-# Kimi's) and lost at 64 (0.90x, 0.82x); fitted per expert, they break even at ~70 pairs at mini's
-# size and ~110 at Kimi's, where dequantizing an expert costs ~5 ms on 2 cores.
+# fresh routes each call): the GEMMs won from 128 pairs an expert (1.40x at mini's size, 1.20x at
+# Kimi's) and not at 64 (0.99x, 0.85x); fitted per expert, they break even at ~50 pairs at mini's
+# size and ~80 at Kimi's, where an expert's GEMMs cost ~5 ms on 2 cores whatever its tokens.
 DOT_GEMM_MIN_TOKENS = 128
 
 

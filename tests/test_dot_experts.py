@@ -19,6 +19,7 @@ from hybrid.experts.options import ExpertOptions
 from hybrid.experts.weights import ExpertWeights
 from hybrid.offload.layout import Layout
 from hybrid.quant import pack_int4
+from placement.cpu_probe import bf16_math
 from test_experts import H, reference, rel_err, routes
 
 pytestmark = pytest.mark.skipif(dot_backend.why_not() is not None,
@@ -43,6 +44,13 @@ def weights(group: int, seed: int = 0) -> tuple[ExpertWeights, tuple[torch.Tenso
 def runnable(isa: str) -> None:
     if isa not in dot_backend.runnable():
         pytest.skip(f"this CPU does not execute {isa}")
+
+
+def gemms_run() -> None:
+    """The bf16 GEMMs exist only where the CPU has AVX512-BF16 (and the AVX-512 layout)."""
+    runnable("avx512_vnni")
+    if not bf16_math():
+        pytest.skip("this CPU lacks AVX512-BF16: the dot backend has no bf16 GEMMs here")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -157,7 +165,7 @@ def test_a_prompts_experts_run_as_bf16_gemms_nearer_the_reference(group):
     """Experts with DOT_GEMM_MIN_TOKENS pairs or more in a call run as bf16 GEMMs on weights dequantized
     from the kernel's layout, the rest on the dot products, in the same call: the sum is nearer the
     fp32 reference than int8 activations get, and only the many-token experts took the GEMMs."""
-    runnable("avx512_vnni")
+    gemms_run()
     w, dense = weights(group)
     gemms, dots = DotExperts(w, "avx512_vnni", gemms=True), DotExperts(w, "avx512_vnni", gemms=False)
     ran = []
@@ -174,7 +182,7 @@ def test_the_gemms_read_each_weight_where_the_layout_put_it():
     """Each of gate, up and down dequantized from the reordered bytes, times the identity: exactly the
     stored values times their scales, rounded to bf16, columns in `layout_order`, gate's and up's rows
     in the order of down's columns."""
-    runnable("avx512_vnni")
+    gemms_run()
     w, dense = weights(64)
     backend = DotExperts(w, "avx512_vnni", gemms=True)
     hidden, inter = backend.order
@@ -184,3 +192,15 @@ def test_the_gemms_read_each_weight_where_the_layout_put_it():
         got = backend._product(i, e, torch.eye(matrix.shape[-1], dtype=torch.bfloat16))
         want = matrix[e][:, cols] if rows is None else matrix[e][rows][:, cols]
         assert torch.equal(got, want.bfloat16()), i
+
+
+def test_without_avx512_bf16_a_prompt_stays_on_the_dot_products(monkeypatch):
+    """Where the CPU lacks AVX512-BF16 the backend has no GEMMs: by default it keeps its dot products
+    for every expert (and its self-check their tokens only), and asking for the GEMMs is refused."""
+    runnable("avx512_vnni")
+    monkeypatch.setattr(dot_backend, "bf16_math", lambda: False)
+    w, _ = weights(32)
+    backend = DotExperts(w, "avx512_vnni")
+    assert not backend.gemms and backend.gemm_min_tokens is None and "GEMMs" not in backend.kernel
+    with pytest.raises(ValueError, match="AVX512-BF16"):
+        DotExperts(w, "avx512_vnni", gemms=True)

@@ -68,8 +68,10 @@ class DotExperts(TorchExperts):
 
     def __init__(self, weights: ExpertWeights, isa: str | None = None, gemms: bool | None = None):
         """`isa`: one of `runnable()` (default: the strongest); `gemms`: run experts with many tokens as
-        bf16 GEMMs (default: where `bf16_math()` and the layout is AVX-512's)."""
+        bf16 GEMMs (default: where `bf16_math()` and the layout is AVX-512's, which they need)."""
         assert self.fits(weights), "INT4 weights on the CPU in sizes the kernel takes"
+        if gemms and not bf16_math():
+            raise ValueError("the dot backend's bf16 GEMMs need AVX512-BF16, which this CPU lacks")
         super().__init__(weights, torch.bfloat16)
         self.weights = None  # only the reordered copy is kept
         self.isa = isa or runnable()[0]
@@ -136,10 +138,11 @@ class DotExperts(TorchExperts):
         tile = torch.empty(min(TILE_ROWS, rows), k, dtype=torch.bfloat16)
         for r in range(0, rows, TILE_ROWS):
             n = min(TILE_ROWS, rows - r)
-            self.lib.hybrid_int4_dequantize(self.code, n, k, self.shape[3],
-                                            values.data_ptr() if order is not None else values[r].data_ptr(),
-                                            scales.data_ptr() if order is not None else scales[r].data_ptr(),
-                                            None if order is None else order[r].data_ptr(), tile.data_ptr())
+            if self.lib.hybrid_int4_dequantize(self.code, n, k, self.shape[3],
+                                               values.data_ptr() if order is not None else values[r].data_ptr(),
+                                               scales.data_ptr() if order is not None else scales[r].data_ptr(),
+                                               None if order is None else order[r].data_ptr(), tile.data_ptr()):
+                raise RuntimeError(f"the bf16 GEMMs need the AVX-512 layout and AVX512-BF16 ({self.isa} here)")
             torch.mm(tile[:n], xt, out=out[r:r + n])
         return out
 

@@ -247,13 +247,12 @@ Dots pick(int isa, int G) { return isa == 2 ? by_group<Avx512>(G) : isa == 1 ? b
 int lanes_of(int isa) { return isa == 2 ? Avx512::LANES : Avx2::LANES; }
 
 // Rows of INT4 values in the AVX-512 layout as bf16, for GEMMs: (value - 8) * scale, each exact in
-// fp32 and rounded to nearest even. The columns come in the layout's order, not the checkpoint's:
+// fp32 and rounded to nearest even (AVX512-BF16's conversion, which every CPU that runs the GEMMs has). The columns come in the layout's order, not the checkpoint's:
 // column c < K / 2 is the low nibble of the row's reordered byte c, column K / 2 + c its high nibble.
 // A product needs only its input in the same order (`layout_order` in dot_backend.py).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void dequantize_row(const uint8_t* row, const uint16_t* sc,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequantize_row(const uint8_t* row, const uint16_t* sc,
                                                                           int K, int G, uint16_t* out) {
-  const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi32(8), half_ulp = _mm512_set1_epi32(0x7FFF),
-                one = _mm512_set1_epi32(1);
+  const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi32(8);
   alignas(64) int32_t v[16], four[16];
   for (int l = 0; l < 16; ++l) v[l] = l * 32 / G, four[l] = l / 4;
   const __m512i group = _mm512_load_si512(v), quad = _mm512_load_si512(four);
@@ -274,10 +273,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void dequantize_row(const u
         const __mmask16 keep = __mmask16((1u << std::min(16, n - 16 * q)) - 1);
         for (int h = 0; h < 2; ++h) {
           const __m512i raw = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(nibs[h] + 16 * q)));
-          __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(raw, eight)), s));
-          u = _mm512_add_epi32(u, _mm512_add_epi32(half_ulp, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-          _mm256_mask_storeu_epi16(out + h * (K / 2) + c + 16 * q, keep,
-                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+          const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(raw, eight)), s);
+          _mm256_mask_storeu_epi16(out + h * (K / 2) + c + 16 * q, keep, (__m256i)_mm512_cvtneps_pbh(f));
         }
       }
     }
@@ -401,10 +398,10 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
 
 // `rows` rows of the AVX-512 layout (isa 2) as bf16 [rows, K] in the layout's column order
 // (dequantize_row); row r of out is row from[r] of w (from: null for the identity). Returns -1 for
-// another instruction set's layout.
+// another instruction set's layout, or where this CPU lacks AVX512-BF16.
 int hybrid_int4_dequantize(int isa, int64_t rows, int K, int G, const uint8_t* w, const uint16_t* s,
                            const int64_t* from, uint16_t* out) {
-  if (isa != 2) return -1;
+  if (isa != 2 || !__builtin_cpu_supports("avx512bf16")) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src = from ? from[r] : r;
