@@ -136,7 +136,7 @@ def figures(hw: Hardware, backend: str, method: str, threads: int) -> Figures:
         gpu_tflops=tuple(m.gpu_tflops or t[2] * GPU_FLOPS_EFFICIENCY for t in table),
         pcie_gbps=m.pcie_gbps or min((t[3] for t in table), default=25.0),
         host_gbps=host, cpu_decode_gbps=decode,
-        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads, cpu_gemm_tflops=m.cpu_prefill_tflops or gemm,
+        cpu_prefill_tflops=m.cpu_prefill_tflops or rate * threads, cpu_gemm_tflops=(m.cpu_prefill_tflops or gemm) if gemm else 0.0,
         dequant_gvalues=DOT_DEQUANT_GVALUES_PER_THREAD * threads if gemm else 0.0,
         torch_tflops=DENSE_TFLOPS_PER_THREAD[isa] * cpu.cores,
         attention_tflops=CPU_ATTENTION_TFLOPS_PER_THREAD[isa] * cpu.cores, dense_gbps=host * DENSE_EFFICIENCY[dense_kernel],

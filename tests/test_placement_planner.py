@@ -168,8 +168,10 @@ def test_cpu_prefill_charges_the_scores_and_the_experts_by_their_kernels():
         assert terms.get("CPU experts as GEMMs: per-expert cost", 0) == pytest.approx(
             moe * a.n_routed_experts * (cost.DOT_GEMM_EXPERT_S + dequant) * 1e3 if gemms else 0, rel=1e-3)
     avx2 = plan(TINY, describe([], "64GB", cores=2, numa=1, isa="avx2"))
+    avx2.hardware.measured.cpu_prefill_tflops = 0.5  # a measured rate is the dot kernel's there: still no GEMMs
     avx2_fig = cost.figures(avx2.hardware, avx2.cpu.backend, avx2.cpu.method, avx2.cpu.threads)
     assert avx2_fig.score_bytes == 40 and not avx2_fig.cpu_gemm_tflops
+    assert "CPU experts as GEMMs: per-expert cost" not in cost.prefill(avx2, TINY, avx2_fig, prompt=1024)[1]
     gpu = plan(KIMI, describe(["RTX 4090=23.99GB"], "1TB", **XEON))
     gpu_fig = cost.figures(gpu.hardware, gpu.cpu.backend, gpu.cpu.method, gpu.cpu.threads)
     assert not any(k.startswith("CPU prefill scores") for k in cost.prefill(gpu, KIMI, gpu_fig)[1])
