@@ -40,15 +40,16 @@ def compare(model: HybridModel, profile, prompt: int, decode: int, host_now: boo
     from hybrid.measure import host_gbps
     from placement import cost
 
-    spec = profile.spec()
+    spec, hw = profile.spec(), profile.hardware
     before = host_gbps() if host_now else None
     got = measure(model, prompt, decode)
     if host_now:
-        profile.hardware.measured.host_gbps = round((before + host_gbps()) / 2, 1)
-    fig = cost.figures(profile.hardware, profile.cpu.backend, profile.cpu.method, profile.cpu.threads)
+        measured = hw.measured.model_copy(update={"host_gbps": round((before + host_gbps()) / 2, 1)})
+        hw = hw.model_copy(update={"measured": measured})
+    fig = cost.figures(hw, profile.cpu.backend, profile.cpu.method, profile.cpu.threads)
     want_decode, decode_ms = cost.decode(profile, spec, fig, context=prompt + decode // 2)  # as measured
     want_prefill, prefill_ms = cost.prefill(profile, spec, fig, prompt=prompt)
-    table = Table(title=f"{model.folder.name}: measured vs predicted ({profile.hardware.summary()})")
+    table = Table(title=f"{model.folder.name}: measured vs predicted ({hw.summary()})")
     for col in ("phase", "measured tok/s", "predicted tok/s", "measured / predicted", "measured ms", "predicted ms"):
         table.add_column(col, justify="right")
     for phase, tok_s, want, ms, pred_ms in (

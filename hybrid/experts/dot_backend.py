@@ -86,6 +86,8 @@ class DotExperts(TorchExperts):
         self.gemm_min_tokens = DOT_GEMM_MIN_TOKENS if self.gemms else None
         self.kernel = f"hybrid INT4 x int8 dot ({self.isa})" + (", bf16 GEMMs for prompts" if self.gemms else "")
         self.order = layout_order(weights.hidden_size), layout_order(weights.intermediate_size)
+        # the stored row each dequantized row of gate, up and down is: gate's and up's in down's column order
+        self.rows = self.order[1], self.order[1], torch.arange(weights.hidden_size)
 
     @staticmethod
     def fits(weights: ExpertWeights) -> bool:
@@ -131,17 +133,14 @@ class DotExperts(TorchExperts):
         dequantized at a time into a tile that stays in the caches for its GEMM (a whole Kimi expert
         in bf16, 88 MB, would be written to memory and read back). Gate's and up's rows come in the
         order of down's columns."""
-        values, scales = self.values[i][e], self.scales[i][e]
+        values, scales, stored = self.values[i][e], self.scales[i][e], self.rows[i]
         rows, k = values.shape[0], 2 * values.shape[1]
-        order = self.order[1] if i < 2 else None
         out = torch.empty(rows, xt.shape[1], dtype=torch.bfloat16)
         tile = torch.empty(min(TILE_ROWS, rows), k, dtype=torch.bfloat16)
         for r in range(0, rows, TILE_ROWS):
             n = min(TILE_ROWS, rows - r)
-            if self.lib.hybrid_int4_dequantize(self.code, n, k, self.shape[3],
-                                               values.data_ptr() if order is not None else values[r].data_ptr(),
-                                               scales.data_ptr() if order is not None else scales[r].data_ptr(),
-                                               None if order is None else order[r].data_ptr(), tile.data_ptr()):
+            if self.lib.hybrid_int4_dequantize(self.code, n, k, self.shape[3], values.data_ptr(), scales.data_ptr(),
+                                               stored[r].data_ptr(), tile.data_ptr()):
                 raise RuntimeError(f"the bf16 GEMMs need the AVX-512 layout and AVX512-BF16 ({self.isa} here)")
             torch.mm(tile[:n], xt, out=out[r:r + n])
         return out
@@ -151,7 +150,6 @@ class DotExperts(TorchExperts):
         """Sum over k of topk_weights[t, k] * expert[topk_ids[t, k]](hidden[t]); a slot whose id is
         negative belongs to another backend and is skipped."""
         experts, hidden_size, intermediate, group = self.shape
-        x = hidden.to(torch.float32).contiguous()
         ids = topk_ids.to(torch.int64).contiguous()
         w = topk_weights.to(torch.float32).contiguous()
         gemms = None  # the experts run as GEMMs, summed per token
@@ -159,10 +157,11 @@ class DotExperts(TorchExperts):
             many = torch.bincount(ids[ids >= 0], minlength=experts) >= self.gemm_min_tokens
             on_gemms = (ids >= 0) & many[ids.clamp(min=0)]
             if on_gemms.any():
-                gemms = super().forward(hidden[:, self.order[0]], ids.where(on_gemms, -1), w).float()
+                gemms = super().forward(hidden[:, self.order[0]], ids.where(on_gemms, -1), w)
                 ids = ids.masked_fill(on_gemms, -1)
                 if not (ids >= 0).any():
-                    return gemms.to(hidden.dtype)
+                    return gemms
+        x = hidden.to(torch.float32).contiguous()  # what the dot products quantize
         out = torch.empty(x.shape[0], hidden_size, dtype=torch.float32)
         for s in range(0, x.shape[0], CHUNK):
             rc = self.lib.hybrid_int4_moe(self.code, min(CHUNK, x.shape[0] - s), hidden_size, intermediate, group,

@@ -154,9 +154,9 @@ class MLA(nn.Module):
 
     def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Per-head keys and values from the latents, then attention: torch's fused kernel on a
-        GPU; on the CPU, blocks of queries, each one's scores in fp32 (`block_scores`), masked where
-        the mask has holes, and its softmax times the values in one GEMM (torch's CPU kernel falls
-        back to unfused math for MLA's unequal key and value widths, 3x slower)."""
+        GPU; on the CPU, blocks of queries, each one's causal softmax over fp32 scores (`block_probs`)
+        times the values in one GEMM (torch's CPU kernel falls back to unfused math for MLA's unequal
+        key and value widths, 3x slower)."""
         ctx, h = latent.shape[0], self.n_heads
         k_nope = F.linear(latent, self.w_uk.view(h * self.nope, self.rank)).view(ctx, h, self.nope)
         v = F.linear(latent, self.w_uv.view(h * self.v_dim, self.rank)).view(ctx, h, self.v_dim).transpose(0, 1)

@@ -247,11 +247,12 @@ Dots pick(int isa, int G) { return isa == 2 ? by_group<Avx512>(G) : isa == 1 ? b
 int lanes_of(int isa) { return isa == 2 ? Avx512::LANES : Avx2::LANES; }
 
 // Rows of INT4 values in the AVX-512 layout as bf16, for GEMMs: (value - 8) * scale, each exact in
-// fp32 and rounded to nearest even (AVX512-BF16's conversion, which every CPU that runs the GEMMs has). The columns come in the layout's order, not the checkpoint's:
-// column c < K / 2 is the low nibble of the row's reordered byte c, column K / 2 + c its high nibble.
-// A product needs only its input in the same order (`layout_order` in dot_backend.py).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequantize_row(const uint8_t* row, const uint16_t* sc,
-                                                                          int K, int G, uint16_t* out) {
+// fp32 and rounded to nearest even (AVX512-BF16's conversion, which every CPU that runs the GEMMs
+// has). The columns come in the layout's order, not the checkpoint's: column c < K / 2 is the low
+// nibble of the row's reordered byte c, column K / 2 + c its high nibble. A product needs only its
+// input in the same order (`layout_order` in dot_backend.py).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequantize_row(
+    const uint8_t* row, const uint16_t* sc, int K, int G, uint16_t* out) {
   const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi32(8);
   alignas(64) int32_t v[16], four[16];
   for (int l = 0; l < 16; ++l) v[l] = l * 32 / G, four[l] = l / 4;
@@ -397,15 +398,14 @@ int hybrid_int4_moe(int isa, int T, int H, int I, int G, int E, int k, const flo
 }
 
 // `rows` rows of the AVX-512 layout (isa 2) as bf16 [rows, K] in the layout's column order
-// (dequantize_row); row r of out is row from[r] of w (from: null for the identity). Returns -1 for
+// (dequantize_row); row r of out is row from[r] of w. Returns -1 for
 // another instruction set's layout, or where this CPU lacks AVX512-BF16.
 int hybrid_int4_dequantize(int isa, int64_t rows, int K, int G, const uint8_t* w, const uint16_t* s,
                            const int64_t* from, uint16_t* out) {
   if (isa != 2 || !__builtin_cpu_supports("avx512bf16")) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t src = from ? from[r] : r;
-    dequantize_row(w + src * (K / 2), s + src * (K / G), K, G, out + r * K);
+    dequantize_row(w + from[r] * (K / 2), s + from[r] * (K / G), K, G, out + r * K);
   }
   return 0;
 }
