@@ -103,7 +103,8 @@ PATHS = (
                 note="latents read back from float8 e4m3 with per-token scales (kv_cache.dtype: fp8)"),
     # Generation's own path: one token a step, attention absorbed into the latents of the cache.
     ComputePath("bf16, decode", 0.005, backend="torch", dense="torch", kv_dtype="bf16", decode=True,
-                note="one token a step, absorbed attention over the bf16 latent cache (what generation runs)"),
+                note="one token a step, absorbed attention over the bf16 latent cache (what generation runs: "
+                     "the native decode kernel where it runs)"),
     ComputePath("bf16, decode, FP8 KV cache", 0.005, backend="torch", dense="torch", kv_dtype="fp8", decode=True,
                 note="the same over latents stored as float8 e4m3 (kv_cache.dtype: fp8)"),
     ComputePath("bf16, decode, compiled GEMV", 0.005, backend="torch", dense="compiled", kv_dtype="bf16",

@@ -109,20 +109,23 @@ def test_prefill_attention_in_blocks_of_queries_equals_one_block(tiny_dir, monke
     assert rel(model.logits(ids), whole) <= 1e-6
 
 
-def test_warm_up_builds_the_decode_kernels_and_leaves_no_trace(tiny_dir):
+def test_warm_up_runs_the_decode_kernels_and_leaves_no_trace(tiny_dir):
     """`warm_up` (run before `hybrid serve` starts its engine) runs decode steps of one and of two
-    sequences, which build the compiled kernels where they run, and changes nothing generation sees."""
+    sequences, which build the kernels where they run (the native decode kernel where it runs, the
+    compiled GEMV where chosen), and changes nothing generation sees."""
     from unittest.mock import patch
 
-    from hybrid.model import compiled
+    from hybrid.model import attention
+    from hybrid.native import decode
 
     model = load_model(tiny_dir)
     ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(5))
     before = model.generate(ids, 6)
-    with patch.object(compiled, "absorbed_attention", side_effect=compiled.absorbed_attention) as spy:
+    with patch.object(attention.MLA, "_native_decode", autospec=True,
+                      side_effect=attention.MLA._native_decode) as spy:
         model.warm_up()
     layers = model.config.num_hidden_layers
-    assert spy.call_count == (2 * layers if compiled.available() else 0)
+    assert spy.call_count == (2 * layers if decode.isa() else 0)
     assert model.generate(ids, 6) == before
 
 

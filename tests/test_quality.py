@@ -8,6 +8,7 @@ import torch
 
 from hybrid import quality
 from hybrid.default_model import EMBEDDED
+from hybrid.model.attention import MLA
 from hybrid.model.kv_cache import KVCache
 from hybrid.tokenizer import Tokenizer
 
@@ -55,13 +56,21 @@ def test_the_measure_sees_a_broken_path(held, float32):
 def test_the_measure_sees_a_broken_decode_step(held, float32, monkeypatch):
     """A decode step that caches its token without the rope key (the token's position lost) moves
     the decode paths' perplexity far beyond any tolerance. Only one-token writes are broken, so this
-    also shows the decode paths run decode steps, not one prefill."""
-    write = KVCache.write
+    also shows the decode paths run decode steps, not one prefill. The native decode kernel writes
+    its own cache rows: its new rows lose their rope key after it."""
+    write, native = KVCache.write, MLA._native_decode
 
     def lossy(self, layer, slots, latent, k_rope):
         write(self, layer, slots, latent, k_rope if len(slots) > 1 else torch.zeros_like(k_rope))
 
+    def lossy_native(self, x, cache, part, cos, sin):
+        out = native(self, x, cache, part, cos, sin)
+        tier = cache.tiers[self.layer][part.tier]
+        tier.data[torch.stack([s[-1] for s in part.slots]) - tier.start, self.rank:] = 0
+        return out
+
     monkeypatch.setattr(KVCache, "write", lossy)
+    monkeypatch.setattr(MLA, "_native_decode", lossy_native)
     path = next(p for p in quality.PATHS if p.decode)
     broken = quality.perplexity(path.logits_of(path.load(EMBEDDED)), held[:DECODE_SLICE])
     assert broken > float32[DECODE_SLICE] * (1 + max(p.tolerance for p in quality.PATHS))

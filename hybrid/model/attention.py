@@ -8,11 +8,12 @@ heads; only those are cached. Two ways to attend to them, equal in exact arithme
   directly on the latents; cheap when few queries read a long context.
 Decode attends to each tier of the cache where it lives (kv_cache.py: the GPU over its pages, the
 CPU over the host's) and merges the parts exactly by their log-sum-exp, as split-K flash-decoding
-merges blocks. On the CPU, a decode step whose contexts lie in one tier and are short enough to pad
-runs `compiled.absorbed_attention`: the same math as `_absorb`, `_attend` and `_output`, as one
-kernel. `kv_b_proj` is held as its two halves, each contiguous per head (`w_uk` makes keys,
-`w_uv` values): both ways read them in place, where slices of the checkpoint's one matrix would be
-copied at every step.
+merges blocks. On the CPU, a decode step whose contexts lie in one bf16 tier and are not too long
+runs the whole layer as one call of hybrid/native/mla_decode.cpp (projections, norms, rope, the
+cache write, the absorbed attention, o_proj), which reads the projections in the checkpoint's
+layout: `dense_kernel.pack` leaves them so (`reads_own_weights`). `kv_b_proj` is held as its two
+halves, each contiguous per head (`w_uk` makes keys, `w_uv` values): all ways read them in place,
+where slices of the checkpoint's one matrix would be copied at every step.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.model import compiled
 from hybrid.model.batch import ForwardBatch, TierSlots
-from hybrid.model.dense_kernel import CompiledLinear
 from hybrid.model.kv_cache import KVCache
 from hybrid.model.norm import RMSNorm
 from hybrid.model.rope import Rope, apply_rope
-from hybrid.native import build
+from hybrid.native import build, decode
 from placement.cpu_probe import bf16_math
 from placement.model_config import ModelConfig
 
@@ -44,6 +43,11 @@ SCORES_BYTES = 16 << 20
 # ops (each a thread barrier) cost little. On Zen 4 at 64K tokens, blocks of 4K-64K keys ran within
 # noise of each other; 2K and smaller ran slower.
 BLOCK_TOKENS = 8192
+# Up to this many keys per sequence, a CPU decode step runs the native kernel: its attention over
+# the latents is fp32 vector math, which the bf16 GEMMs of the blocked path overtake on long
+# contexts (a `mini` decode step's attention on Zen 4, 2 threads: at 1K keys 5.5 against 13.2 ms,
+# at 4K 14.3 against 17.6, at 16K 55 against 35).
+NATIVE_MAX_TOKENS = 4096
 # Up to this many keys per sequence, the CPU's decode attention runs all sequences at once over
 # padded copies, as a GPU does: the copies are small, and a batch's sequences share each op (one
 # by one, 16 sequences at 128 tokens took a 16-stream decode step 14% longer on Zen 4).
@@ -70,7 +74,7 @@ class MLA(nn.Module):
         self.w_uk = nn.Parameter(torch.empty(self.n_heads, self.nope, self.rank), requires_grad=False)
         self.w_uv = nn.Parameter(torch.empty(self.n_heads, self.v_dim, self.rank), requires_grad=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
-        self.compiled_decode = True  # decode over a short CPU context as one compiled kernel, where one builds
+        self.native_decode = True  # decode steps over short CPU contexts as one native call, where it runs
 
     def load_kv_b(self, weight: torch.Tensor) -> None:
         """Take the checkpoint's kv_b_proj [heads * (nope + v), rank] as its two halves."""
@@ -80,19 +84,16 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: Rope, cache: KVCache | None) -> torch.Tensor:
         n = x.shape[0]
-        q_nope, q_rope, latent, k_rope = self._inputs(x, *rope.cos_sin(batch.positions))
+        seqs, rows, tiers = batch.single_queries  # decode: all sequences in one pass
+        if len(seqs) == n and self._native_here(x, cache, tiers):
+            return self._native_decode(x, cache, tiers[0], *batch.cos_sin(rope))
+        q_nope, q_rope, latent, k_rope = self._inputs(x, *batch.cos_sin(rope))
 
         out = torch.empty(n, self.n_heads, self.v_dim, dtype=x.dtype, device=x.device)
         if cache is not None:
             new = [slots[-q_len:] for slots, q_len in zip(batch.slots, batch.q_lens)]
             cache.write(self.layer, torch.cat(new), latent, k_rope)
-        seqs, rows, tiers = batch.single_queries  # decode: all sequences in one pass
-        if seqs and self._compiled_here(cache, tiers):
-            index, mask = tiers[0].padded
-            latent, k_rope = cache.read_tier(self.layer, tiers[0].tier, index)
-            out[rows] = compiled.absorbed_attention(self.w_uk, self.w_uv, q_nope[rows], q_rope[rows], latent, k_rope,
-                                                    mask, self.scale)
-        elif seqs:
+        if seqs:
             rows = rows.to(x.device)
             q = self._absorb(q_nope[rows, None], q_rope[rows, None])
             # the queries reach each tier's memory before any part starts, so the GPU's part runs
@@ -122,15 +123,8 @@ class MLA(nn.Module):
 
     def _inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The queries [n, heads, nope] and [n, heads, rope], the latents [n, rank] (normalised) and
-        the rope keys [n, rope] of tokens x [n, hidden]; one token on the compiled GEMV as one
-        compiled kernel (`compiled.mla_inputs`)."""
+        the rope keys [n, rope] of tokens x [n, hidden]."""
         n = x.shape[0]
-        projections = (getattr(self, name, None) for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"))
-        if n == 1 and self.compiled_decode and all(type(p) is CompiledLinear for p in projections):
-            out = compiled.mla_inputs(x[0], self.q_a_proj.weight, self.q_a_layernorm.weight, self.q_b_proj.weight,
-                                      self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, cos, sin,
-                                      self.q_a_layernorm.eps, self.n_heads, self.nope, self.rank)
-            return tuple(t[None] for t in out)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
@@ -140,12 +134,62 @@ class MLA(nn.Module):
         return (q[..., : self.nope], apply_rope(q[..., self.nope:], cos, sin), self.kv_a_layernorm(latent),
                 apply_rope(k_rope, cos, sin))
 
-    def _compiled_here(self, cache: KVCache, tiers: list[TierSlots]) -> bool:
-        """Whether this step's decode attention runs the compiled kernel: all of it on the CPU, in
-        one tier, over contexts short enough to pad (longer ones read the cache in blocks)."""
-        return (self.compiled_decode and compiled.available() and len(tiers) == 1
-                and cache.tier_device(self.layer, tiers[0].tier).type == "cpu"
-                and self.w_uk.device.type == "cpu" and tiers[0].longest <= PADDED_MAX_TOKENS)
+    @property
+    def reads_own_weights(self) -> bool:
+        """Whether decode steps run the native kernel here, which reads the projections' weights as
+        the checkpoint lays them out: `dense_kernel.pack` then leaves them so."""
+        return self.native_decode and decode.isa() is not None and self.o_proj.weight.device.type == "cpu"
+
+    def _native_here(self, x: torch.Tensor, cache: KVCache | None, tiers: list[TierSlots]) -> bool:
+        """Whether this decode step runs `hybrid_mla_decode`: on the CPU, every projection plain
+        bf16, the contexts in one bf16 tier of the cache and at most NATIVE_MAX_TOKENS long."""
+        if cache is None or len(tiers) != 1 or x.dtype != torch.bfloat16 or not self.reads_own_weights:
+            return False
+        tier = cache.tiers[self.layer][tiers[0].tier]
+        return (tier.scale is None and tier.data.dtype == torch.bfloat16 and tier.data.device.type == "cpu"
+                and tiers[0].longest <= NATIVE_MAX_TOKENS and self._native_weights() is not None)
+
+    def _native_weights(self) -> tuple | None:
+        """The kernel's weight arguments, in its order (None for a model without a low-rank query),
+        or None where a projection is not a plain bf16 nn.Linear (packed for another kernel). Looked
+        up once, and again whenever a module or kv_b's halves are replaced (loading, packing): a
+        decode step asks every layer, and a module's attribute lookups cost ~25 us a layer."""
+        key = (*map(id, self._modules.values()), id(self._parameters["w_uk"]), id(self._parameters["w_uv"]))
+        cached = self.__dict__.get("_native_cache")
+        if cached is None or cached[0] != key:
+            low_rank = hasattr(self, "q_a_proj")
+            names = ("q_a_proj", "q_b_proj") if low_rank else ("q_proj",)
+            projections = [getattr(self, name) for name in (*names, "kv_a_proj_with_mqa", "o_proj")]
+            weights = None
+            if all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in projections):
+                q_rank = self.q_a_proj.out_features if low_rank else 0
+                norm = lambda n: n.weight.to(torch.bfloat16)  # noqa: E731
+                weights = (self.q_a_proj.weight if low_rank else None, norm(self.q_a_layernorm) if low_rank else None,
+                           (self.q_b_proj if low_rank else self.q_proj).weight, self.kv_a_proj_with_mqa.weight,
+                           norm(self.kv_a_layernorm), self.w_uk, self.w_uv, self.o_proj.weight,
+                           torch.tensor([self.o_proj.out_features, q_rank, self.n_heads, self.nope, self.rope_dim,
+                                         self.v_dim, self.rank], dtype=torch.int32))
+            self.__dict__["_native_cache"] = cached = (key, weights)
+        return cached[1]
+
+    def _native_decode(self, x: torch.Tensor, cache: KVCache, part: TierSlots, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+        """One token of each sequence through hybrid/native/mla_decode.cpp: the layer's attention,
+        its new latents written to the cache, as one call."""
+        tier = cache.tiers[self.layer][part.tier]
+        index, _ = part.padded
+        slots = index - tier.start if tier.start else index
+        *weights, dims = self._native_weights()
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        out = torch.empty_like(x)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        rc = build.load().hybrid_mla_decode(
+            decode.CODES[decode.isa()], x.shape[0], ptr(dims), ptr(x), *map(ptr, weights), ptr(cos), ptr(sin),
+            ptr(tier.data), ptr(slots), ptr(part.lengths), slots.shape[1], self.kv_a_layernorm.eps, self.scale,
+            ptr(out))
+        if rc:
+            raise RuntimeError(f"the native MLA decode kernel failed ({rc}) on {decode.isa()}")
+        return out
 
     def _mask(self, q_len: int, ctx_len: int, device) -> torch.Tensor:
         """Causal mask for the last q_len positions of a ctx_len context: [q_len, ctx_len] bool."""

@@ -3,7 +3,7 @@ latents live in the KV cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -24,6 +24,13 @@ class ForwardBatch:
     q_lens: list[int]
     slots: list[torch.Tensor] | None = None
     host_from: int | None = None
+    _cos_sin: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cos_sin(self, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope.cos_sin` of the batch's positions, computed once for all layers."""
+        if rope not in self._cos_sin:
+            self._cos_sin[rope] = rope.cos_sin(self.positions)
+        return self._cos_sin[rope]
 
     @classmethod
     def single(cls, input_ids: torch.Tensor, start: int = 0, slots: torch.Tensor | None = None) -> "ForwardBatch":
@@ -65,6 +72,11 @@ class TierSlots:
     def longest(self) -> int:
         """The most slots any sequence has here: every layer of a step asks it."""
         return max(len(s) for s in self.slots)
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """Each sequence's number of slots here [S] (int64)."""
+        return torch.tensor([len(s) for s in self.slots], dtype=torch.long)
 
     @cached_property
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,13 +105,17 @@ def fastest(rounds: int = 7) -> str:
 
 def pack(model: nn.Module, kernel: str | None = None) -> str:
     """Put every bias-free bf16 `nn.Linear` of `model` that lives on the CPU on `kernel` (default:
-    the fastest here). Returns the kernel used."""
+    the fastest here), but those of modules that read their weights themselves (`reads_own_weights`:
+    MLA's native decode). Returns the kernel used."""
     kernel = kernel or fastest()
     if kernel not in supported():
         raise ValueError(f"dense kernel {kernel!r} does not run on this CPU; choose one of {', '.join(supported())}")
     if kernel == "torch":
         return kernel
+    own = [name + "." for name, m in model.named_modules() if getattr(m, "reads_own_weights", False)]
     for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix) for prefix in own):
+            continue  # a module whose own kernel reads these weights in their plain layout
         if (type(module) is nn.Linear and module.bias is None and module.weight.device.type == "cpu"
                 and module.weight.dtype == torch.bfloat16):
             owner, _, attr = name.rpartition(".")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch  # noqa: F401  (first: see above)
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "hybrid" / "kernels"
 # what each exported function takes: (name, argument types); each returns an int, 0 when done
 SIGNATURES = (
@@ -27,6 +28,8 @@ SIGNATURES = (
     ("hybrid_int4_dequantize", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4),
     ("hybrid_attention_probs", [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                                      ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]),
+    ("hybrid_mla_decode", [ctypes.c_int] * 2 + [ctypes.c_void_p] * 15 + [ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                                                                          ctypes.c_void_p]),
 )
 
 
@@ -53,7 +56,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"the C++ compiler {cxx} does not run: {e}"
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + version.encode()).hexdigest()[:16]
     target = CACHE / f"hybrid-{key}.so"
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
