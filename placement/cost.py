@@ -34,15 +34,16 @@ TORCH_EFFICIENCY = 0.5  # routed experts on torch's int4 kernel: half the read b
 # or more in a call runs as bf16 GEMMs instead: measured on Zen 4 at 0.30 TFLOP/s a thread (`mini`'s
 # 2,048-token prefill, 1.03 TFLOP of experts in 1.70 s on 2 threads: 0.61 of oneDNN's bf16 peak);
 # on AMX assumed at the same share of oneDNN's AMX peak (4.6 TFLOP/s on the 16-core Xeon). Each
-# expert run so costs besides its FLOPs a fixed 0.17 ms for its small ops (measured on Zen 4: the
-# default model's 512-token prefill, 48 expert runs, 10-11 ms where their FLOPs take 2) and the
+# expert run so costs besides its FLOPs a fixed 0.2 ms for its small ops (measured on Zen 4: the
+# default model's 512-token prefill, 48 expert runs, 10-11 ms where their FLOPs take 1.2; one of its
+# experts on 128 tokens alone 0.16 ms, its share of the grouping around it 0.075) and the
 # dequantizing of its weights, 11 G values a second a thread (measured into a reused tile on 2 Zen 4
 # threads: one of `mini`'s experts, 6.3 M values, in 0.27-0.29 ms; one of Kimi's, 44 M, in 1.54-1.59).
 DOT_DECODE_GBPS_PER_THREAD = 17.0
 DOT_HOST_SHARE = 0.95
 DOT_PREFILL_TFLOPS_PER_THREAD = {"amx": 0.049, "avx512_bf16": 0.2, "avx2": 0.08}
 DOT_GEMM_TFLOPS_PER_THREAD = {"amx": 0.61 * 4.6 / 16, "avx512_bf16": 0.30}
-DOT_GEMM_EXPERT_S = 0.17e-3
+DOT_GEMM_EXPERT_S = 0.2e-3
 DOT_DEQUANT_GVALUES_PER_THREAD = 11.0
 DOT_LANES = {"amx": 16, "avx512_bf16": 16, "avx2": 8}
 # Dense modules placed on the CPU run on the kernel the runtime measures fastest at load
@@ -74,10 +75,14 @@ FP8_DECODE_GVALUES_PER_THREAD = 2.5
 # a score: written, scaled, masked, softmaxed, copied to bf16 and read again (4 + 8 + 8 + 12 + 6 + 2).
 SCORES_TFLOPS_PER_THREAD = {"amx": 0.25, "avx512_bf16": 0.25, "avx2": 0.04}
 CPU_SCORE_BYTES = {"amx": 4, "avx512_bf16": 4, "avx2": 40}
-# per module on the CPU: its small ops, the compiler's guards and thread wake-ups (measured on Zen 4:
-# the default model's decode step, all of it such time, 2.3 ms over 12 modules; mini's attention
-# 0.5 ms a layer over its bytes, its router 0.08, its MLPs about none)
-CPU_MODULE_OVERHEAD_S = 0.2e-3
+# per module on the CPU: its small ops, thread wake-ups, each weight's cold start, and its share of
+# the pass's norms and residual adds. Measured on Zen 4: in decode steps the default model's, all of
+# it such time, 0.93-1.1 ms over 12 modules (its attention in one native call 0.045 ms a layer),
+# `mini`'s attention 0.1-0.2 ms a layer over its bytes, its router 0.08; a prompt's chunk runs many
+# more ops a module (the default model's 512-token prefill: 6.1 ms over 12 modules beyond their
+# FLOPs and its experts).
+CPU_MODULE_OVERHEAD_S = 0.08e-3
+CPU_PREFILL_MODULE_OVERHEAD_S = 0.5e-3
 PREFILL_TFLOPS_PER_THREAD = {  # expert FLOP/s per kt thread on long prompts
     "int4_kgroup": 1.0 / 15,  # RAWINT4, measured 1.0 TFLOP/s on 15 threads
     "amx_int4": 9.4 / 15,  # measured 9.4 TFLOP/s on 15 threads
@@ -152,6 +157,7 @@ class Breakdown:
 
     fig: Figures
     terms: dict[str, float] = field(default_factory=dict)
+    module_overhead_s: float = CPU_MODULE_OVERHEAD_S  # per CPU module call (a prompt's chunks: more)
 
     def add(self, term: str, seconds: float) -> float:
         self.terms[term] = self.terms.get(term, 0.0) + seconds
@@ -161,7 +167,7 @@ class Breakdown:
         if device == "cpu":
             read = self.add("CPU modules: bytes / host bandwidth", nbytes / (self.fig.dense_gbps * 1e9))
             compute = self.add("CPU modules: FLOPs / CPU peak", flops / (self.fig.torch_tflops * 1e12))
-            return max(read, compute) + self.add("CPU modules: per-module overhead", CPU_MODULE_OVERHEAD_S)
+            return max(read, compute) + self.add("CPU modules: per-module overhead", self.module_overhead_s)
         i = int(device.split(":")[1])
         read = self.add("GPU memory reads", nbytes / (self.fig.gpu_gbps[i] * 1e9))
         return max(read, self.add("GPU compute", flops / (self.fig.gpu_tflops[i] * 1e12)))
@@ -340,7 +346,7 @@ def decode_curve(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]]
 def prefill(p, spec: ModelSpec, fig: Figures, freqs: dict[int, list[float]] | None = None,
             prompt: int = PROMPT_TOKENS) -> tuple[float, dict]:
     """Tokens/s of one prompt of `prompt` tokens, processed in chunks, and the breakdown."""
-    a, b = spec.arch, Breakdown(fig)
+    a, b = spec.arch, Breakdown(fig, module_overhead_s=CPU_PREFILL_MODULE_OVERHEAD_S)
     k, step = a.num_experts_per_tok, p.prefill.chunk_tokens
     chunks = [(s, min(step, prompt - s)) for s in range(0, prompt, step)]
     stream = p.prefill.stream_threshold_tokens is not None and prompt >= p.prefill.stream_threshold_tokens
