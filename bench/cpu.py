@@ -8,7 +8,7 @@ Floors: decode = bytes each part reads per token, as held, / host read bandwidth
 1 GiB, all threads); prefill = FLOPs / the highest GEMM throughput among the dense kernels the
 runtime can use here (hybrid/measure.py). The baseline is the same model on torch's own ops: its
 dense projections on torch's bf16 matmul (`load_model(dense="torch")`) and its decode attention
-as torch's ops rather than the compiled kernel (hybrid/model/compiled.py); routed experts run on
+as torch's ops rather than the native kernel (hybrid/native/mla_decode.cpp); routed experts run on
 the default backend in both. Batched decode: one step of `streams` sequences at once, each at the
 same context, beside the single-stream step. Where llama-cpp-python is installed (the `bench`
 extra), llama.cpp runs the same weights in the same run (bench/llamacpp.py), beside the runtime;
@@ -61,7 +61,7 @@ def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdo
     with console.status(f"loading {folder.name} with dense kernel {dense}"):
         hm = load_model(folder, dense=dense)
         for layer in hm.decoder.model.layers:  # the baseline: torch's ops, its decode attention's too
-            layer.self_attn.compiled_decode = dense != "torch"
+            layer.self_attn.native_decode = dense != "torch"
     with console.status(f"{dense}: decode step at context {args.context}"):
         decode = breakdown.decode_step(hm, args.context)
     with console.status(f"{dense}: prefill of {args.prompt} tokens"):

@@ -45,8 +45,8 @@ class HybridModel:
 
     def warm_up(self) -> None:
         """Run what the first requests would otherwise wait for: a short prefill and decode steps
-        of one and of two sequences, on a scratch cache, so the compiled CPU kernels are built
-        (compiled.py) and each module has run once."""
+        of one and of two sequences, on a scratch cache, so the CPU kernels are built (the native
+        library, the compiled GEMV where chosen) and each module has run once."""
         cache, zeros = self.new_cache(6), lambda n: torch.zeros(n, dtype=torch.long)
         slots = [torch.arange(0, 3), torch.arange(3, 6)]
         self.forward(ForwardBatch(zeros(4), torch.tensor([0, 1, 0, 1]), [2, 2], [s[:2] for s in slots]), cache)

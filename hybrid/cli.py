@@ -343,12 +343,14 @@ def plan(
 
 @app.command()
 def doctor():
-    """What this machine offers the CPU experts: instruction sets, kt-kernel, cores, NUMA, memory."""
+    """What this machine offers the CPU experts and decode: instruction sets, kt-kernel, cores, NUMA,
+    memory, and the kernels chosen."""
     from rich.console import Console
     from rich.table import Table
 
     from hybrid.experts.choice import default_kernel
     from hybrid.experts.cpu import report, threads_of
+    from hybrid.native import build, decode
 
     table = Table(title="CPU experts on this machine", show_header=False)
     table.add_column(style="bold")
@@ -362,6 +364,9 @@ def doctor():
         table.add_row("self-check", f"{verdict}: relative error {v.error:.2g} against float32 (tolerance "
                                     f"{v.tolerance:g}), {v.seconds * 1e3:.0f} ms")
     table.add_row("expert backend", f"{backend.name} (what `hybrid plan` plans for this machine)")
+    isa = decode.isa()
+    table.add_row("decode attention", f"one native call a layer ({isa})" if isa else
+                  f"torch's ops ({build.why_not() or 'the native kernel needs AVX2 with FMA'})")
     Console().print(table)
 
 

@@ -78,3 +78,28 @@ def test_native_decode_attention_is_as_accurate_as_torchs_ops(tiny_dir, model, i
         assert rel(ours, exact) <= 1.5 * rel(theirs, exact) + 1e-3, layer
         assert rel(ours_kv, exact_kv) <= 1.5 * rel(theirs_kv, exact_kv) + 1e-3, layer
         assert rel(ours_kv, theirs_kv) < 0.01
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN's bf16 path needs bf16 instructions")
+def test_packing_leaves_the_native_kernels_weights_plain(tiny_dir):
+    """`dense_kernel.pack` puts the CPU's projections on oneDNN's layout but those the native decode
+    kernel reads in the checkpoint's (MLA's, where the kernel runs here); with the kernel off for a
+    module, its projections are packed too, and decode runs torch's ops on them."""
+    from hybrid.model import dense_kernel
+    from hybrid.model.dense_kernel import OneDNNLinear
+
+    model = load_model(tiny_dir, dense="onednn")
+    layer = model.decoder.model.layers[0]
+    want = torch.nn.Linear if decode.isa() else OneDNNLinear
+    assert all(type(m) is want for m in (layer.self_attn.q_a_proj, layer.self_attn.o_proj))
+    assert type(layer.mlp.gate_proj) is OneDNNLinear and type(model.decoder.lm_head) is OneDNNLinear
+
+    plain = load_model(tiny_dir, dense="torch")
+    for layer in plain.decoder.model.layers:
+        layer.self_attn.native_decode = False
+    dense_kernel.pack(plain.decoder, "onednn")
+    assert type(plain.decoder.model.layers[0].self_attn.o_proj) is OneDNNLinear
+    ids = torch.randint(0, plain.config.vocab_size, (6,), generator=torch.Generator().manual_seed(4))
+    with patch.object(attention.MLA, "_native_decode", autospec=True, side_effect=attention.MLA._native_decode) as spy:
+        plain.generate(ids, 3)
+    assert spy.call_count == 0
