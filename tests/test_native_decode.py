@@ -1,6 +1,8 @@
-"""The native MLA decode kernel (hybrid/native/mla_decode.cpp) on each instruction set this CPU
-runs: as accurate as torch's bf16 ops on the same weights, against the float32 model."""
+"""The native decode kernels: MLA's (hybrid/native/mla_decode.cpp) on each instruction set this CPU
+runs, as accurate as torch's bf16 ops on the same weights against the float32 model; the router's
+(router.cpp), choosing as torch's ops do."""
 
+from types import SimpleNamespace
 from unittest.mock import patch
 
 import pytest
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 from hybrid.api import load_model
 from hybrid.model import attention
 from hybrid.model.batch import ForwardBatch
-from hybrid.native import decode
+from hybrid.model.moe import NATIVE_ROUTER_TOKENS, Router
+from hybrid.native import build, decode
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NATIVE_ISAS = [isa for isa in decode.CODES if isa == decode.isa()
@@ -103,3 +106,29 @@ def test_packing_leaves_the_native_kernels_weights_plain(tiny_dir):
     with patch.object(attention.MLA, "_native_decode", autospec=True, side_effect=attention.MLA._native_decode) as spy:
         plain.generate(ids, 3)
     assert spy.call_count == 0
+
+
+@pytest.mark.skipif(build.load() is None, reason="no C++ compiler to build the native kernels")
+@pytest.mark.parametrize("groups", [(1, 1), (8, 4), (8, 1)])
+@pytest.mark.parametrize("tokens", [1, 3, NATIVE_ROUTER_TOKENS])
+@pytest.mark.parametrize("norm", [True, False])
+def test_native_router_chooses_and_weighs_as_torchs_ops(groups, tokens, norm):
+    """A few tokens through the router on hybrid/native/router.cpp against its torch ops: the same
+    experts in the same order, and their weights within fp32 rounding, with and without group
+    limits and normalisation. More tokens than it takes go to torch's ops."""
+    n_group, topk_group = groups
+    cfg = SimpleNamespace(num_experts_per_tok=8, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+                          routed_scaling_factor=2.827, n_routed_experts=64, hidden_size=2048)
+    router = Router(cfg)
+    g = torch.Generator().manual_seed(tokens + 10 * n_group)
+    router.weight.data = torch.randn(64, 2048, generator=g) / 2048 ** 0.5
+    router.e_score_correction_bias.data = torch.randn(64, generator=g) * 0.1
+    x = torch.randn(tokens, 2048, generator=g).bfloat16()
+    with patch.object(Router, "_native", autospec=True, side_effect=Router._native) as spy:
+        ids, weights = router(x)
+        router(torch.cat([x] * (NATIVE_ROUTER_TOKENS + 1))[: NATIVE_ROUTER_TOKENS + 1])
+    assert spy.call_count == 1
+    with patch.object(build, "load", lambda: None):
+        want_ids, want_weights = router(x)
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(weights, want_weights, rtol=1e-5, atol=0)

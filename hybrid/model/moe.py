@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid.experts.backend import ExpertBackend
+from hybrid.native import build
 from placement.model_config import ModelConfig
+
+# Up to this many tokens a CPU router runs hybrid/native/router.cpp, one call for its dozen small
+# ops; more go to torch's ops, whose GEMM a prompt needs.
+NATIVE_ROUTER_TOKENS = 16
 
 
 class MLP(nn.Module):
@@ -35,6 +40,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
+        if (x.shape[0] <= NATIVE_ROUTER_TOKENS and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and self.weight.dtype == torch.float32 and build.load() is not None):
+            return self._native(x.contiguous())
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.topk_group < self.n_group:
@@ -48,6 +56,16 @@ class Router(nn.Module):
         if self.norm:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * self.scaling
+
+    def _native(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.empty(x.shape[0], self.top_k, dtype=torch.int64)
+        weights = torch.empty(x.shape[0], self.top_k, dtype=torch.float32)
+        bias = self.e_score_correction_bias.float()
+        build.load().hybrid_route(x.shape[0], x.shape[1], self.weight.shape[0], self.top_k, self.n_group,
+                                  self.topk_group, int(self.norm), self.scaling, x.data_ptr(),
+                                  self.weight.contiguous().data_ptr(), bias.data_ptr(), ids.data_ptr(),
+                                  weights.data_ptr())
+        return ids, weights
 
 
 class MoE(nn.Module):

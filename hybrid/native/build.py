@@ -28,6 +28,7 @@ SIGNATURES = (
     ("hybrid_int4_dequantize", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4),
     ("hybrid_attention_probs", [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                                      ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]),
+    ("hybrid_route", [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 5),
     ("hybrid_mla_decode", [ctypes.c_int] * 2 + [ctypes.c_void_p] * 15 + [ctypes.c_int, ctypes.c_float, ctypes.c_float,
                                                                           ctypes.c_void_p]),
 )
