@@ -5,7 +5,7 @@ then batched decode.
     python -m bench.cpu [--preset mini] [--context 128] [--prompt 2048] [--streams 16]
 
 Floors: decode = bytes each part reads per token, as held, / host read bandwidth (torch sum over
-1 GiB, all threads); prefill = FLOPs / the highest GEMM throughput among the dense kernels the
+1 GiB, all threads; the better of the readings just before and after the path's runs); prefill = FLOPs / the highest GEMM throughput among the dense kernels the
 runtime can use here (hybrid/measure.py). The baseline is the same model on torch's own ops: its
 dense projections on torch's bf16 matmul (`load_model(dense="torch")`) and its decode attention
 as torch's ops rather than the native kernel (hybrid/native/mla_decode.cpp); routed experts run on
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import statistics
 import time
 from pathlib import Path
 
@@ -54,10 +55,24 @@ def batched_step(hm: HybridModel, streams: int, context: int) -> float:
     return best_seconds(lambda: hm.decoder(step, cache), 3)
 
 
+def beside_bandwidth(hm: HybridModel, context: int, rounds: int = 4) -> list[dict]:
+    """`rounds` times the host's read bandwidth, then at once a decode step (`breakdown.decode_step`,
+    the fastest of 8): each step beside a floor read in its own minute, where this VM's bandwidth
+    can move 1.5x between a run's first and last reading."""
+    floor = sum(breakdown.decode_floor(hm, context, 1.0).values())  # seconds at 1 GB/s
+    out = []
+    for _ in range(rounds):
+        gbps = host_gbps()
+        step = breakdown.decode_step(hm, context).total
+        out.append({"host_gbps": round(gbps, 2), "ms": round(step * 1e3, 3), "x_floor": round(step * gbps / floor, 3)})
+    return out
+
+
 def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdown.Breakdown, breakdown.Breakdown,
-                                                                   breakdown.Breakdown]:
+                                                                   breakdown.Breakdown, list[dict]]:
     """Decode step, prefill and batched decode step of the model with this dense kernel, each with
-    its floor at 1 GB/s and 1 TFLOP/s (scaled by the rates measured around the runs)."""
+    its floor at 1 GB/s and 1 TFLOP/s (scaled by the rates measured around the runs), and decode
+    steps each beside its own bandwidth reading."""
     with console.status(f"loading {folder.name} with dense kernel {dense}"):
         hm = load_model(folder, dense=dense)
         for layer in hm.decoder.model.layers:  # the baseline: torch's ops, its decode attention's too
@@ -68,6 +83,8 @@ def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdo
         prefill = breakdown.prefill(hm, args.prompt)
     with console.status(f"{dense}: decode step of {args.streams} streams"):
         batched = batched_step(hm, args.streams, args.context)
+    with console.status(f"{dense}: decode steps, each beside a bandwidth reading"):
+        paired = beside_bandwidth(hm, args.context)
     decode.floor = breakdown.decode_floor(hm, args.context, 1.0)
     prefill.floor = breakdown.prefill_floor(hm, args.prompt, 1.0)
     many = breakdown.Breakdown("batched decode", args.streams, {"total": batched},
@@ -76,7 +93,7 @@ def run(folder: Path, dense: str, args, console: Console) -> tuple[dict, breakdo
     kernels = {"dense": hm.dense_kernel, "experts": getattr(experts, "cpu", experts).kernel}
     del hm
     gc.collect()
-    return kernels, decode, prefill, many
+    return kernels, decode, prefill, many, paired
 
 
 def head_to_head(folder: Path, dense: str, gguf: Path, context: int, threads: int, rounds: int = 4) -> dict:
@@ -142,12 +159,14 @@ def main() -> None:
                                           torch.get_num_threads())
     else:
         console.print("llama.cpp is not installed (pip install -e '.[bench]'): no llama.cpp figures in this run")
-    # the floors take the best rates seen in the run (the lowest floors): this VM's bandwidth varies
-    bw, peak = max(bws), max(gemm.values())
-    console.print(f"host read {', '.join(f'{b:.1f}' for b in bws)} GB/s (floor: {bw:.1f}); GEMM peaks "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + " TFLOP/s")
-    base, fast = ({**kernels, "decode": scaled(d, bw), "prefill": scaled(p, peak), "batched": scaled(m, bw)}
-                  for kernels, d, p, m in runs.values())
+    # each run's decode floors take the better of the two bandwidth readings around it (this VM's
+    # bandwidth moves by 1.5x from minute to minute; a reading from before the other run's minutes
+    # says little of this one's), the prefill floors the best GEMM rate seen
+    bw, peak = [max(bws[i], bws[i + 1]) for i in range(len(runs))], max(gemm.values())
+    console.print(f"host read {', '.join(f'{b:.1f}' for b in bws)} GB/s (floors: baseline {bw[0]:.1f}, "
+                  f"runtime {bw[1]:.1f}); GEMM peaks " + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + " TFLOP/s")
+    base, fast = ({**kernels, "decode": scaled(d, b), "prefill": scaled(p, peak), "batched": scaled(m, b),
+                   "beside_bandwidth": paired} for b, (kernels, d, p, m, paired) in zip(bw, runs.values()))
     tables = [parts_table(f"decode step, context {args.context} ({fast['dense']} dense, {fast['experts']})",
                           "decode", base, fast),
               parts_table(f"prefill of {args.prompt} tokens", "prefill", base, fast)]
@@ -163,6 +182,14 @@ def main() -> None:
                         f"{args.streams * one / many:.2f}", f"{r['batched']['floor_total_ms']:,.1f}",
                         f"{many / r['batched']['floor_total_ms']:.2f}")
     tables.append(batched)
+    paired = Table(title="decode step beside a bandwidth reading taken just before it (each the fastest of 8 steps)")
+    for col in ("", *(f"round {i + 1}" for i in range(len(fast["beside_bandwidth"]))), "median x floor"):
+        paired.add_column(col, justify="right")
+    for name, r in (("baseline", base), ("runtime", fast)):
+        rounds = r["beside_bandwidth"]
+        paired.add_row(name, *(f"{x['ms']:.1f} ms at {x['host_gbps']:.0f} GB/s: {x['x_floor']:.2f}x" for x in rounds),
+                       f"{statistics.median(x['x_floor'] for x in rounds):.2f}")
+    tables.append(paired)
     if llama:
         t = Table(title=f"llama.cpp on the same weights ({llama['threads']} threads, n_ubatch {llama['n_ubatch']})")
         for col in ("", "llama.cpp ms", "runtime ms", "llama.cpp / runtime"):
@@ -185,7 +212,8 @@ def main() -> None:
                "baseline": base, "runtime": fast, "decode_tok_s": round(1e3 / single, 2),
                "prefill_tok_s": round(args.prompt * 1e3 / fast["prefill"]["total_ms"], 2), "llamacpp": llama}
     md = (f"{cpu.describe()}; torch threads {torch.get_num_threads()}; host read "
-          f"{', '.join(f'{b:.1f}' for b in bws)} GB/s (floors at {bw:.1f}); GEMM peaks "
+          f"{', '.join(f'{b:.1f}' for b in bws)} GB/s (decode floors at {bw[0]:.1f} for the baseline, "
+          f"{bw[1]:.1f} for the runtime: the better reading around each); GEMM peaks "
           + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + " TFLOP/s\n\n")
     for t in tables:
         md += markdown(t) + "\n"
