@@ -142,8 +142,10 @@ class MLA(nn.Module):
 
     def _native_here(self, x: torch.Tensor, cache: KVCache | None, tiers: list[TierSlots]) -> bool:
         """Whether this decode step runs `hybrid_mla_decode`: on the CPU, every projection plain
-        bf16, the contexts in one bf16 tier of the cache and at most NATIVE_MAX_TOKENS long."""
-        if cache is None or len(tiers) != 1 or x.dtype != torch.bfloat16 or not self.reads_own_weights:
+        bf16, the contexts in one bf16 tier of the cache and at most NATIVE_MAX_TOKENS long, head
+        dims within the kernel's buffers."""
+        if (cache is None or len(tiers) != 1 or x.dtype != torch.bfloat16 or self.rope_dim > 256 or self.nope > 512
+                or not self.reads_own_weights):
             return False
         tier = cache.tiers[self.layer][tiers[0].tier]
         return (tier.scale is None and tier.data.dtype == torch.bfloat16 and tier.data.device.type == "cpu"
