@@ -1,9 +1,9 @@
 // One decode step of MLA attention on the CPU, for S sequences of one new token each, in one call:
 // the projections, norms and rope, the new latent written to the cache, attention over the cached
 // latents with kv_b folded in, and o_proj. The step reads ~23 MB of weights per layer at `mini`'s
-// size: as a chain of torch ops it took 2-2.5x that read's time, each op paying a thread wake-up, a
-// cold start and an intermediate; here the phases run on one team of threads with a barrier between
-// them, each streaming its weight.
+// size: as a chain of torch ops it took 2.2-2.6x that read's time (Zen 4, 2 threads), each op paying
+// a thread wake-up, a cold start and an intermediate; here the phases run on one team of threads
+// with a barrier between them, each streaming its weight, in ~1.25x.
 //
 // Weights are bf16 as the checkpoint holds them (decode_gemv.h reads them). Values are rounded to
 // bf16 where torch's path rounds them too (the normalised query latent, the cached latent and rope
