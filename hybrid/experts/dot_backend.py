@@ -126,7 +126,7 @@ class DotExperts(TorchExperts):
         n = x.shape[0]
         xt = F.pad(x, (0, 0, 0, -n % GEMM_TOKENS)).T
         h = F.silu(self._product(0, e, xt)) * self._product(1, e, xt)  # rows in the order of down's columns
-        return self._product(2, e, h)[:, :n].T.contiguous()  # (index_add_ takes a strided source 15x slower)
+        return self._product(2, e, h)[:, :n].T  # TorchExperts.forward reads it in its own pass
 
     def _product(self, i: int, e: int, xt: torch.Tensor) -> torch.Tensor:
         """W @ xt for W expert e's gate, up or down (i = 0, 1, 2) and xt [in, n]: TILE_ROWS of W's rows

@@ -76,8 +76,10 @@ class TorchExperts:
         spans = list(zip(experts, itertools.accumulate(counts, initial=0), itertools.accumulate(counts)))
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if len(tokens) * x.shape[1] > BATCHED_VALUES:  # a prompt's: one expert at a time, in the caches
-            for e, s, t in spans:
-                out.index_add_(0, tokens[s:t], self.mlp(e, x[tokens[s:t]]).float() * weights[s:t])
+            for e, s, t in spans:  # weighted into fp32 in one pass, whatever the product's layout
+                y = torch.mul(self.mlp(e, x[tokens[s:t]]), weights[s:t],
+                              out=torch.empty(t - s, x.shape[1], dtype=torch.float32, device=x.device))
+                out.index_add_(0, tokens[s:t], y)
         elif spans:  # a few tokens': the rows gathered and the outputs added at once, fewer ops
             xs = x[tokens]
             out.index_add_(0, tokens, torch.cat([self.mlp(e, xs[s:t]) for e, s, t in spans]).float() * weights)
