@@ -1,5 +1,5 @@
-// What the decode kernel (mla_decode.cpp) reads bf16 weights with: bf16 conversions and two codes
-// of a pass over bf16 weights for a few tokens, AVX512-BF16 (bf16 pairs multiplied exactly and
+// What the decode kernel (mla_decode.cpp) reads bf16 weights with: two codes of a pass over bf16
+// weights for a few tokens, AVX512-BF16 (bf16 pairs multiplied exactly and
 // added in fp32, by vdpbf16ps) and AVX2 with FMA (bf16 widened to fp32 by a shift). Every product
 // is accumulated in fp32.
 #pragma once
@@ -12,21 +12,9 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffff) > 0x7f800000) return uint16_t((bits >> 16) | 0x40);  // NaN stays NaN
-  return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
 
 // The two codes. Each has:
 //   tile<R, N>(w, ldw, K, x, ldx, y, ldy): y[n * ldy + r] = w[r] . x[n] for R rows of K bf16 (ldw

@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr int ROWS = 16;     // weight rows per work item
@@ -86,13 +88,6 @@ void quantize(const float* x, int K, int lanes, uint8_t* base) {
     scale[b] = amax / 127.f;
     corr[b] = -8.f * scale[b] * float(sum);
   }
-}
-
-inline float bf16(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
 }
 
 // res[r * nt + t] = row r of w (K values, reordered; bytes at w + r * stride, scales at
@@ -189,7 +184,7 @@ struct Avx2 {
           ws = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
         } else {
           alignas(32) float v[8] = {};
-          for (int l = 0; l < left; ++l) v[l] = bf16(sc[(8 * sb + l) * 32 / G]);
+          for (int l = 0; l < left; ++l) v[l] = bf16_to_float(sc[(8 * sb + l) * 32 / G]);
           ws = _mm256_load_ps(v);
         }
         const size_t at = size_t(sb) * 128;

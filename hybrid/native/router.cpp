@@ -10,18 +10,15 @@
 #include <numeric>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 // w . x for a row of n fp32 weights and n bf16 values, built for each instruction set
 __attribute__((target_clones("avx512f", "avx2", "default"))) float dot(const float* w, const uint16_t* x, int n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < n; ++i) {
-    const uint32_t bits = uint32_t(x[i]) << 16;
-    float v;
-    std::memcpy(&v, &bits, 4);
-    sum += w[i] * v;
-  }
+  for (int i = 0; i < n; ++i) sum += w[i] * bf16_to_float(x[i]);
   return sum;
 }
 
